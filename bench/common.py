@@ -1,0 +1,91 @@
+"""Shared benchmark utilities: timing, copy-bandwidth ceiling, peak memory, CSV/table output.
+
+Benchmarks compare implementations side by side in one run; every figure is a median.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 3,
+                repeats: int = 15, min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in seconds (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, device: torch.device | str = "cpu") -> float:
+    """Effective bandwidth (GB/s, bytes read + written) of a large tensor copy: the ceiling
+    a memory-bound fused kernel can approach on this machine."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, warmup=2, repeats=10)
+    return 2 * n * 4 / t / 1e9
+
+
+def peak_rss_bytes(fn: Callable[[], object]) -> int:
+    """Peak resident memory (bytes) reached while running ``fn`` above the resident memory
+    before it (Linux: resets the high-water mark through /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kib("VmRSS")
+    fn()
+    return max(0, _rss_kib("VmHWM") - before) * 1024
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+
+
+def write_csv(name: str, rows: list[dict]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / name
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def format_table(rows: Iterable[dict]) -> str:
+    """A Markdown table of ``rows`` (floats to 3 significant digits)."""
+    rows = list(rows)
+    cols = list(rows[0].keys())
+    cell = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
