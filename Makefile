@@ -17,7 +17,7 @@ $(DEPS):
 
 # Installs the package into .venv, building the extension against the venv's torch.
 build: $(DEPS)
-	$(VPY) -m pip install -q --no-build-isolation --no-deps .
+	$(VPY) -m pip install -q --no-build-isolation .
 
 demo: build
 	$(VENV)/bin/pycosdist demo
