@@ -169,6 +169,8 @@ class PairedAudioDataset(torch.utils.data.Dataset):
     def __init__(self, pairs: Sequence[Pair], segment_seconds: float | None = None, seed: int = 0):
         if segment_seconds is not None and not segment_seconds > 0:
             raise ValueError(f"segment_seconds: expected None or > 0, got {segment_seconds!r}")
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.segment = None if segment_seconds is None else int(round(segment_seconds * SAMPLE_RATE))
         self.seed = int(seed)
         self.epoch = 0
@@ -191,6 +193,8 @@ class PairedAudioDataset(torch.utils.data.Dataset):
         return [p.name for p in self.pairs]
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != epoch or epoch < 0:
+            raise ValueError(f"epoch: expected a non-negative integer, got {epoch!r}")
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

@@ -253,6 +253,8 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 8, n_test_speakers: int =
                   utts_per_speaker=int(utts_per_speaker), test_utts_per_speaker=int(test_utts_per_speaker),
                   seed=int(seed), noise_types=list(noise_types), train_snrs=[float(s) for s in train_snrs],
                   test_snrs=[float(s) for s in test_snrs], sample_rate=SAMPLE_RATE)
+    if params["seed"] != seed or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     for key in ("n_train_speakers", "n_test_speakers", "utts_per_speaker", "test_utts_per_speaker"):
         if params[key] < 1:
             raise ValueError(f"{key}: expected >= 1, got {params[key]}")

@@ -191,6 +191,12 @@ def test_crop_determinism(ramp_pairs):
     assert clean.shape == (12000,) and torch.all(clean[8000:] == 0) and clean[7999] > 0
     with pytest.raises(IndexError):
         full[3]
+    with pytest.raises(ValueError, match="seed"):
+        PairedAudioDataset(ramp_pairs, seed=-1)
+    with pytest.raises(ValueError, match="epoch"):
+        full.set_epoch(-2)
+    with pytest.raises(ValueError, match="segment_seconds"):
+        PairedAudioDataset(ramp_pairs, segment_seconds=0)
 
 
 def test_bad_files_skipped_with_warning(tmp_path, ramp_pairs):
@@ -262,6 +268,8 @@ def test_synth_deterministic(tiny, tmp_path):
     assert _digest(again) == _digest(other)
     with pytest.raises(ValueError, match="utts_per_speaker"):
         synthesize_corpus(tmp_path / "bad", utts_per_speaker=0)
+    with pytest.raises(ValueError, match="seed"):
+        synthesize_corpus(tmp_path / "bad", seed=-3)
     with pytest.raises(ValueError, match="noise_types"):
         synthesize_corpus(tmp_path / "bad", noise_types=["rain"])
 
