@@ -216,8 +216,9 @@ def _synth_speaker(task) -> list[tuple[str, np.ndarray]]:
 def _run_speakers(tasks, workers: int | None):
     """Runs :func:`_synth_speaker` once per speaker, each in a FRESH process.
 
-    espeak-ng keeps synthesis state in C statics (e.g. pitch flutter phase) that no API call resets,
-    so an utterance depends on everything the process synthesized before it. A new process per
+    espeak-ng keeps synthesis state in C statics that no API call resets (measured: the same text,
+    voice and random seed synthesized twice in one process differ, even after espeak_Cancel or
+    Terminate + Initialize), so an utterance depends on what the process synthesized before. A new process per
     speaker makes each speaker's audio depend only on its own parameters and seed, whatever ran
     before and however many workers there are.
     """
