@@ -1,0 +1,329 @@
+"""Offline synthetic noisy-speech corpus in the VoiceBank+DEMAND layout (16 kHz).
+
+Speech comes from espeak-ng (the ``espeakng-loader`` wheel ships the library and its data; we
+drive it through ctypes). A speaker is a distinct (voice, variant, rate, pitch) combination, an
+utterance a sentence drawn from word lists. Noises: white, pink, brown, babble (other speakers'
+speech), mains hum with harmonics, and non-stationary bursts, mixed at the VoiceBank+DEMAND SNRs.
+Everything follows from ``seed``: the same seed writes identical files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, to_mono_16k, write_audio
+from .data import SPLIT_DIRS, SUFFIX_16K
+
+NOISE_TYPES = ("white", "pink", "brown", "babble", "hum", "bursts")
+TRAIN_SNRS = (0.0, 5.0, 10.0, 15.0)
+TEST_SNRS = (2.5, 7.5, 12.5, 17.5)
+VOICES = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4")
+MANIFEST = "manifest.json"
+
+
+class _Espeak:
+    """Process-wide espeak-ng in synchronous mode (the library has global state, hence a lock)."""
+
+    _instance: "_Espeak | None" = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> "_Espeak":
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self):
+        import espeakng_loader
+
+        self.data_path = espeakng_loader.get_data_path()
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        self.sample_rate = lib.espeak_Initialize(2, 0, self.data_path.encode(), 0)  # 2 = synchronous
+        if self.sample_rate <= 0:
+            raise RuntimeError(f"espeak_Initialize failed ({self.sample_rate}) with data at {self.data_path}")
+        self._chunks: list[np.ndarray] = []
+        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        self._callback = callback_type(self._collect)  # kept alive: the library holds the pointer
+        lib.espeak_SetSynthCallback(self._callback)
+        self.lib = lib
+
+    def _collect(self, wav, n, events):
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0  # 0 = continue
+
+    def synth(self, text: str, voice: str, variant: str, rate: int, pitch: int, rand_seed: int) -> np.ndarray:
+        """float32 (samples,) at :attr:`sample_rate`. ``rand_seed`` fixes espeak's internal noise
+        source, which otherwise makes repeated syntheses differ."""
+        with self._lock:
+            if self.lib.espeak_SetVoiceByName(f"{voice}+{variant}".encode()) != 0:
+                raise ValueError(f"espeak-ng has no voice {voice}+{variant}")
+            self.lib.espeak_SetParameter(1, int(rate), 0)  # espeakRATE, words per minute
+            self.lib.espeak_SetParameter(3, int(pitch), 0)  # espeakPITCH, 0..100
+            self.lib.espeak_ng_SetRandSeed(int(rand_seed))
+            self._chunks = []
+            b = text.encode()
+            err = self.lib.espeak_Synth(b, len(b) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, UTF-8
+            self.lib.espeak_Synchronize()
+            if err != 0 or not self._chunks:
+                raise RuntimeError(f"espeak-ng produced no audio for {text!r} (error {err})")
+            return np.concatenate(self._chunks).astype(np.float32) / 32768.0
+
+
+# --- sentences -------------------------------------------------------------------------------
+_W = {
+    "name": "Anna Ben Clara David Emma Frank Grace Henry Iris Jack Laura Martin Nina Oscar Paula Sam Tara Victor".split(),
+    "adj": "old quiet bright small heavy green careful sudden warm empty narrow golden busy gentle broken cold "
+           "famous tired clever distant".split(),
+    "noun": "garden window letter kitchen river engine basket doctor teacher market bridge station picture "
+            "village ladder candle blanket bicycle mountain harbour".split(),
+    "verb_past": "opened found painted carried noticed repaired visited cleaned followed watched described "
+                 "borrowed crossed ordered returned".split(),
+    "verb": "open find paint carry check repair visit clean follow watch describe borrow cross order bring".split(),
+    "prep": "near behind under beside across inside above".split(),
+    "place": "library school office museum hospital bakery airport theatre park hotel".split(),
+    "time": ["this morning", "yesterday evening", "last week", "after lunch", "before sunrise", "on Monday", "tonight"],
+    "adv": "slowly quickly carefully quietly happily early".split(),
+    "num": "two three four five seven nine twelve twenty".split(),
+}
+_TEMPLATES = (
+    "The {adj} {noun} was {adv} moved {prep} the {noun}.",
+    "{name} {verb_past} the {adj} {noun} {time}.",
+    "Please {verb} the {noun} {prep} the {place} before {name} arrives.",
+    "Why did {name} {verb} the {adj} {noun} so {adv}?",
+    "We saw {num} {adj} {noun}s {prep} the {place} {time}.",
+    "{name} and {name} {verb_past} a {adj} {noun} at the {place}.",
+    "Nobody {verb_past} the {noun} {prep} the {adj} {place}.",
+    "Can you {verb} {num} {noun}s for the {place} {time}?",
+)
+
+
+def make_sentence(rng: np.random.Generator) -> str:
+    """A random sentence of roughly 2-3 s of speech."""
+    template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
+    out, rest = [], template
+    while "{" in rest:  # fill each slot independently so repeated slots differ
+        pre, _, tail = rest.partition("{")
+        key, _, rest = tail.partition("}")
+        out += [pre, _W[key][rng.integers(len(_W[key]))]]
+    return "".join(out) + rest
+
+
+# --- noises ----------------------------------------------------------------------------------
+def _colored(n: int, rng: np.random.Generator, alpha: float) -> np.ndarray:
+    """Noise with power spectrum ~ 1/f^alpha (flattened below 20 Hz so brown noise has no drift)."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.maximum(np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE), 20.0)
+    spec *= f ** (-alpha / 2)
+    spec[0] = 0
+    return np.fft.irfft(spec, n)
+
+
+def _hum(n: int, rng: np.random.Generator) -> np.ndarray:
+    f0 = rng.choice([50.0, 60.0]) * (1 + rng.uniform(-0.005, 0.005))
+    t = np.arange(n) / SAMPLE_RATE
+    decay = rng.uniform(0.5, 1.5)
+    x = sum(h ** -decay * np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 2 * np.pi)) for h in range(1, 11))
+    return x + 0.02 * rng.standard_normal(n)  # a faint broadband floor, like real mains-powered gear
+
+
+def _bursts(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Band-limited noise bursts (50-400 ms, Hann envelopes) over a faint floor: non-stationary."""
+    x = 0.02 * rng.standard_normal(n)
+    for _ in range(int(rng.integers(3, 9))):
+        length = min(n, int(rng.uniform(0.05, 0.4) * SAMPLE_RATE))
+        start = int(rng.integers(0, n - length + 1))
+        lo = rng.uniform(100, 3000)
+        spec = np.fft.rfft(rng.standard_normal(length))
+        f = np.fft.rfftfreq(length, 1.0 / SAMPLE_RATE)
+        spec[(f < lo) | (f > lo * rng.uniform(1.5, 4))] = 0
+        x[start:start + length] += rng.uniform(0.3, 1.0) * np.fft.irfft(spec, length) * np.hanning(length)
+    return x
+
+
+def _babble(n: int, rng: np.random.Generator, pool: list[np.ndarray]) -> np.ndarray:
+    """Sum of 3-5 utterances from ``pool`` (other speakers), each looped from a random start."""
+    x = np.zeros(n)
+    for k in rng.choice(len(pool), size=min(len(pool), int(rng.integers(3, 6))), replace=False):
+        s = pool[k]
+        s = np.resize(np.roll(s, int(rng.integers(len(s)))), n)  # np.resize tiles cyclically
+        x += s / (np.sqrt(np.mean(s ** 2)) + 1e-8)
+    return x
+
+
+def make_noise(kind: str, n: int, rng: np.random.Generator, babble_pool: list[np.ndarray] | None = None) -> np.ndarray:
+    """Unit-RMS float64 noise of ``kind`` (one of :data:`NOISE_TYPES`) and length ``n``."""
+    if kind == "white":
+        x = rng.standard_normal(n)
+    elif kind == "pink":
+        x = _colored(n, rng, 1.0)
+    elif kind == "brown":
+        x = _colored(n, rng, 2.0)
+    elif kind == "hum":
+        x = _hum(n, rng)
+    elif kind == "bursts":
+        x = _bursts(n, rng)
+    elif kind == "babble":
+        if not babble_pool:
+            raise ValueError("babble noise needs a non-empty babble_pool of other speakers' speech")
+        x = _babble(n, rng, babble_pool)
+    else:
+        raise ValueError(f"kind: expected one of {NOISE_TYPES}, got {kind!r}")
+    return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
+
+
+def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """clean + g * noise with g chosen so that 10 log10(P_clean / P_noise) = snr_db."""
+    p_clean = np.mean(clean.astype(np.float64) ** 2)
+    p_noise = np.mean(noise.astype(np.float64) ** 2)
+    return clean + noise * np.sqrt(p_clean / (p_noise * 10 ** (snr_db / 10)))
+
+
+# --- corpus ----------------------------------------------------------------------------------
+def _has_variant(variant: str) -> bool:
+    import espeakng_loader
+
+    return (Path(espeakng_loader.get_data_path()) / "voices" / "!v" / variant).is_file()
+
+
+def _synth_speaker(task) -> list[tuple[str, np.ndarray]]:
+    """All utterances of one speaker: [(text, float32 16 kHz speech)]."""
+    seed, k, s, n_utts = task
+    engine, out = _Espeak.get(), []
+    for j in range(n_utts):
+        urng = np.random.default_rng([seed, k, j])
+        text = make_sentence(urng)
+        wav = engine.synth(text, s["voice"], s["variant"], s["rate"], s["pitch"], int(urng.integers(2**31)))
+        out.append((text, to_mono_16k(wav, engine.sample_rate)))
+    return out
+
+
+def _run_speakers(tasks, workers: int | None):
+    """Runs :func:`_synth_speaker` once per speaker, each in a FRESH process.
+
+    espeak-ng keeps synthesis state in C statics that no API call resets (measured: the same text,
+    voice and random seed synthesized twice in one process differ, even after espeak_Cancel or
+    Terminate + Initialize), so an utterance depends on what the process synthesized before. A new process per
+    speaker makes each speaker's audio depend only on its own parameters and seed, whatever ran
+    before and however many workers there are.
+    """
+    import multiprocessing as mp
+
+    # fork is cheap and the child starts from pristine espeak state unless this process already
+    # initialized espeak (then spawn, which re-imports the package but starts clean).
+    method = "fork" if "fork" in mp.get_all_start_methods() and _Espeak._instance is None else "spawn"
+    workers = max(1, min(len(tasks), workers or os.cpu_count() or 1))
+    with mp.get_context(method).Pool(workers, maxtasksperchild=1) as pool:
+        return pool.map(_synth_speaker, tasks, chunksize=1)
+
+
+def synthesize_corpus(out_dir, n_train_speakers: int = 8, n_test_speakers: int = 2, utts_per_speaker: int = 25,
+                      test_utts_per_speaker: int = 15, seed: int = 0, noise_types=NOISE_TYPES,
+                      train_snrs=TRAIN_SNRS, test_snrs=TEST_SNRS, overwrite: bool = False,
+                      workers: int | None = None) -> Path:
+    """Writes a synthetic 16 kHz noisy/clean corpus to ``out_dir`` and returns ``out_dir``.
+
+    Layout: ``clean_trainset_28spk_wav_16k``, ``noisy_trainset_28spk_wav_16k``, ``clean_testset_wav_16k``,
+    ``noisy_testset_wav_16k`` (readable by :func:`pycosdist.data.load_corpus`), files
+    ``spkNN_UUU.wav``, and ``manifest.json`` (parameters, speakers' voice settings, and per file:
+    text, noise type, SNR). Train and test speakers are disjoint; babble for a split is made from
+    the other speakers of that split. The noise type cycles through ``noise_types`` and the SNR is
+    drawn from ``train_snrs`` / ``test_snrs``. Clean and noisy are scaled together so neither clips.
+
+    The manifest is written last: if ``out_dir`` already holds a complete corpus made with the same
+    parameters it is reused as is; different parameters raise unless ``overwrite=True``.
+    ``workers`` processes synthesize speech (default: one per CPU); the output does not depend on it.
+    """
+    out_dir = Path(out_dir)
+    params = dict(n_train_speakers=int(n_train_speakers), n_test_speakers=int(n_test_speakers),
+                  utts_per_speaker=int(utts_per_speaker), test_utts_per_speaker=int(test_utts_per_speaker),
+                  seed=int(seed), noise_types=list(noise_types), train_snrs=[float(s) for s in train_snrs],
+                  test_snrs=[float(s) for s in test_snrs], sample_rate=SAMPLE_RATE)
+    if params["seed"] != seed or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    for key in ("n_train_speakers", "n_test_speakers", "utts_per_speaker", "test_utts_per_speaker"):
+        if params[key] < 1:
+            raise ValueError(f"{key}: expected >= 1, got {params[key]}")
+    bad = [k for k in params["noise_types"] if k not in NOISE_TYPES]
+    if bad or not params["noise_types"]:
+        raise ValueError(f"noise_types: expected a non-empty subset of {NOISE_TYPES}, got {list(noise_types)}")
+    if not params["train_snrs"] or not params["test_snrs"]:
+        raise ValueError("train_snrs/test_snrs: expected non-empty lists of SNRs in dB")
+
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text()).get("params")
+        if old == params:
+            return out_dir
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} holds a corpus made with other parameters ({old}); "
+                                  f"pass overwrite=True or choose another out_dir")
+        manifest_path.unlink()
+
+    rng = np.random.default_rng(seed)
+    combos = [(v, var) for v in VOICES for var in VARIANTS if _has_variant(var)]
+    n_spk = params["n_train_speakers"] + params["n_test_speakers"]
+    if n_spk > len(combos):
+        raise ValueError(f"n_train_speakers + n_test_speakers: at most {len(combos)} distinct voices, got {n_spk}")
+    speakers = {}
+    for idx, c in enumerate(rng.permutation(len(combos))[:n_spk]):
+        voice, variant = combos[c]
+        split = "train" if idx < params["n_train_speakers"] else "test"
+        speakers[f"spk{idx + 1:02d}"] = dict(split=split, voice=voice, variant=variant,
+                                             rate=int(rng.integers(140, 191)), pitch=int(rng.integers(25, 76)))
+
+    # Pass 1: all clean speech (needed first: babble is made of other speakers' utterances).
+    tasks = [(seed, k, s, params["utts_per_speaker"] if s["split"] == "train" else params["test_utts_per_speaker"])
+             for k, s in enumerate(speakers.values())]
+    utts = []  # (split, speaker, name, text, clean float32 16 kHz)
+    for (spk, s), speech in zip(speakers.items(), _run_speakers(tasks, workers)):
+        utts += [(s["split"], spk, f"{spk}_{j + 1:03d}", text, wav) for j, (text, wav) in enumerate(speech)]
+
+    # Pass 2: noise, mix, level, write.
+    for split, (clean_name, noisy_name) in SPLIT_DIRS.items():
+        for name in (clean_name, noisy_name):
+            shutil.rmtree(out_dir / (name + SUFFIX_16K), ignore_errors=True)
+    # Babble pools: other speakers of the same split (or of any split when a split has one speaker).
+    pools = {"any": {}, "train": {}, "test": {}}
+    for spk, s in speakers.items():
+        pools["any"][spk] = [u[4] for u in utts if u[1] != spk]
+        pools[s["split"]][spk] = [u[4] for u in utts if u[0] == s["split"] and u[1] != spk]
+    files = []
+    snr_choices = {"train": params["train_snrs"], "test": params["test_snrs"]}
+    for i, (split, spk, name, text, clean) in enumerate(utts):
+        mrng = np.random.default_rng([seed, 1_000_003, i])
+        pool = pools[split].get(spk) or pools["any"][spk]
+        kind = params["noise_types"][(i + int(spk[3:])) % len(params["noise_types"])]
+        snr = float(snr_choices[split][mrng.integers(len(snr_choices[split]))])
+        clean = clean.astype(np.float64)
+        clean *= 10 ** (mrng.uniform(-28, -20) / 20) / (np.sqrt(np.mean(clean ** 2)) + 1e-12)  # -28..-20 dBFS RMS
+        noisy = mix_at_snr(clean, make_noise(kind, len(clean), mrng, pool), snr)
+        peak = max(np.abs(noisy).max(), np.abs(clean).max())
+        if peak > 0.99:
+            clean, noisy = clean * (0.99 / peak), noisy * (0.99 / peak)
+        clean_dir, noisy_dir = SPLIT_DIRS[split]
+        write_audio(out_dir / (clean_dir + SUFFIX_16K) / f"{name}.wav", clean, SAMPLE_RATE, subtype="PCM_16")
+        write_audio(out_dir / (noisy_dir + SUFFIX_16K) / f"{name}.wav", noisy, SAMPLE_RATE, subtype="PCM_16")
+        files.append(dict(name=name, split=split, speaker=spk, text=text, noise=kind, snr_db=snr,
+                          seconds=round(len(clean) / SAMPLE_RATE, 3)))
+
+    manifest = dict(params=params, speakers=speakers, files=files)
+    tmp = manifest_path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, manifest_path)
+    return out_dir
