@@ -95,7 +95,8 @@ def cosine_distance_loss(student: Tensor, teacher: Tensor, dim: int = -1, eps: f
     ``teacher`` along ``dim``, reduced over all other positions ('mean', 'sum') or not ('none').
 
     Accumulates in float32 (float64 for float64 inputs) and returns the input dtype. The
-    teacher gets a gradient only if it requires one. Any strides work; inputs whose rows cannot
+    teacher gets a gradient only if it requires one. A row with norm <= eps gets a gradient
+    of size about |g| / eps: with float16 inputs pick eps so that it fits (e.g. 1e-3). Any strides work; inputs whose rows cannot
     be viewed with a unit stride along D (dim=-1) or along the trailing dims (dim != -1), e.g.
     a transposed matrix, are copied to contiguous first.
     """

@@ -28,6 +28,8 @@ namespace {
 
 using at::vec::Vectorized;
 constexpr int kUnroll = 4;
+// Gradients at least this large are written with non-temporal stores (they do not fit in cache).
+constexpr size_t kStreamBytes = size_t(32) << 20;
 
 // One Vectorized<opmath_t> worth of scalar_t elements, converted to opmath on load / from it on store.
 template <typename scalar_t>
@@ -306,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_distance_backward_cpu(const at::Tensor
   const auto dtype = student.scalar_type();
   at::Tensor grad_s = RecyclingAllocator::empty(student.sizes(), dtype);
   at::Tensor grad_t = RecyclingAllocator::empty(teacher_grad ? student.sizes() : at::IntArrayRef{0}, dtype);
-  const bool stream = grad_s.nbytes() >= RecyclingAllocator::kMinBytes;
+  const bool stream = grad_s.nbytes() >= kStreamBytes;
   if (v.rows() == 0 || v.size == 0) return {grad_s, grad_t};
   const auto opmath = at::toOpMathType(dtype);
   const auto [g, g_strides] = rows_grad(grad_distance.to(opmath), v);

@@ -1,12 +1,13 @@
 // A CPU allocator that keeps the memory of the last few large freed outputs (the gradients
 // of cosine_distance_backward) and hands it to the next request of the same size.
 //
-// Why: glibc serves blocks above 32 MiB with fresh mmap pages, and the kernel zeroes every
-// 4 KiB page on first touch. For a 65536 x 512 fp32 gradient that costs ~20 ms, twice the
-// memory-bound kernel that writes it. In a training loop a step's gradient is freed before
-// the next step asks for the same size, so two cached blocks (student, teacher) suffice.
-// Fresh blocks are 2 MiB aligned and advised for transparent huge pages (fewer faults the
-// first time). Blocks up to 32 MiB go to the default CPU allocator: malloc recycles those.
+// Why: glibc serves large blocks (always above 32 MiB, smaller ones depending on the heap's
+// history) with fresh mmap pages, and the kernel zeroes every 4 KiB page on first touch.
+// For a 65536 x 512 fp32 gradient that costs ~20 ms, twice the memory-bound kernel that
+// writes it. In a training loop a step's gradient is freed before the next step asks for
+// the same size, so two cached blocks (student, teacher) suffice. Fresh blocks of 2 MiB or
+// more are 2 MiB aligned and advised for transparent huge pages (fewer faults the first time).
+// Blocks under 1 MiB go to the default CPU allocator.
 #pragma once
 
 #include <ATen/EmptyTensor.h>
@@ -25,7 +26,7 @@ namespace pycosdist {
 
 class RecyclingAllocator final : public c10::Allocator {
  public:
-  static constexpr size_t kMinBytes = (size_t(32) << 20) + 1;
+  static constexpr size_t kMinBytes = size_t(1) << 20;
   static constexpr size_t kAlign = size_t(2) << 20;
   static constexpr size_t kMaxCached = 2;
 
@@ -38,11 +39,12 @@ class RecyclingAllocator final : public c10::Allocator {
     if (n < kMinBytes) return c10::GetCPUAllocator()->allocate(n);
     auto* block = take(n);
     if (!block) {
-      const size_t padded = (n + kAlign - 1) / kAlign * kAlign;
-      void* p = std::aligned_alloc(kAlign, padded);
+      const size_t align = n >= kAlign ? kAlign : 64;
+      const size_t padded = (n + align - 1) / align * align;
+      void* p = std::aligned_alloc(align, padded);
       TORCH_CHECK_WITH(OutOfMemoryError, p, "pycosdist: out of memory allocating ", padded, " bytes");
 #ifdef __linux__
-      madvise(p, padded, MADV_HUGEPAGE);  // advisory: failure is harmless
+      if (align == kAlign) madvise(p, padded, MADV_HUGEPAGE);  // advisory: failure is harmless
 #endif
       block = new Block{p, n};
     }
