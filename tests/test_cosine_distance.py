@@ -150,11 +150,12 @@ def test_large_streamed_gradients_and_recycled_memory():
     """Gradients >= 32 MiB take the non-temporal store path and come from recycled memory:
     check them, and that a live gradient is never handed out again."""
     torch.manual_seed(5)
-    for dtype, n in ((torch.float32, 16384), (torch.bfloat16, 32768)):
-        student, teacher = torch.randn(n, 512, dtype=dtype), torch.randn(n, 512, dtype=dtype)
-        out, grad_s, grad_t = _check_against_reference(student, teacher, reduction="mean")
+    for dtype, shape, dim in ((torch.float32, (16384, 512), -1), (torch.bfloat16, (32768, 512), -1),
+                              (torch.float32, (16, 512, 1024), 1), (torch.bfloat16, (64, 512, 512), 1)):
+        student, teacher = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+        out, grad_s, grad_t = _check_against_reference(student, teacher, dim, reduction="mean")
         kept = grad_s.clone()
-        _check_against_reference(teacher, student, reduction="mean")  # same sizes, freed blocks reused
+        _check_against_reference(teacher, student, dim, reduction="mean")  # same sizes: freed blocks reused
         assert torch.equal(grad_s, kept)
 
 

@@ -8,7 +8,7 @@
 //   inner == 1 ("rows"):    a row is D contiguous values; vectorize along D with
 //                           kUnroll independent accumulators per sum (hides FMA latency);
 //   inner > 1 ("columns"):  adjacent rows are adjacent in memory; vectorize across a block of
-//                           kUnroll vectors of rows and walk D, so dim != -1 needs no transpose.
+//                           rows and walk D, so dim != -1 needs no transpose.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -63,6 +63,23 @@ struct VecIO {
     } else {
       at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
     }
+  }
+  // W lanes; `stream`: non-temporal, p aligned to W elements (AVX-512 only; regular stores elsewhere).
+  static void store1(scalar_t* p, const Vec& v, bool stream) {
+#ifdef CPU_CAPABILITY_AVX512
+    if (stream) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm512_stream_ps(p, v);
+      } else if constexpr (std::is_same_v<scalar_t, double>) {
+        _mm512_stream_pd(p, v);
+      } else {
+        const __m512i packed = at::vec::convert_from_float<scalar_t>(v, v);
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
+      }
+      return;
+    }
+#endif
+    store(p, v);
   }
   // 2*W lanes; `stream`: non-temporal, p 64-byte aligned (AVX-512 only; regular stores elsewhere).
   static void store2(scalar_t* p, const Vec& v0, const Vec& v1, bool stream) {
@@ -167,35 +184,39 @@ void forward_rows(const Args<scalar_t>& a, opmath_t* distance, opmath_t* stats) 
   });
 }
 
+// Columns: a task takes up to kColumnVecs vectors of adjacent rows of one `outer` slice and
+// walks D, so it reads a contiguous (D, lanes) slab in order; its accumulators (or gradient
+// coefficients), 3 x kColumnVecs vectors = 12 KiB, stay in L1.
+constexpr int64_t kColumnVecs = 64;
+
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void forward_columns(const Args<scalar_t>& a, opmath_t* distance, opmath_t* stats) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
-  constexpr int64_t W = IO::W, kLanes = kUnroll * W;
+  constexpr int64_t W = IO::W, kLanes = kColumnVecs * W;
   const int64_t D = a.v.size, inner = a.v.inner, blocks = (inner + kLanes - 1) / kLanes;
-  at::parallel_for(0, a.v.outer * blocks, a.grain(kLanes), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.v.outer * blocks, a.grain(std::min(inner, kLanes)), [&](int64_t begin, int64_t end) {
+    alignas(64) opmath_t acc[3][kLanes];  // dot, |s|^2, |t|^2 per lane
     for (int64_t item = begin; item < end; ++item) {
       const int64_t o = item / blocks, i0 = (item % blocks) * kLanes, n = std::min(kLanes, inner - i0);
+      const int64_t nv = (n + W - 1) / W;
       const scalar_t* s = a.s + o * a.s_outer + i0;
       const scalar_t* t = a.t + o * a.t_outer + i0;
-      std::array<Vec, kUnroll> dot, ss, tt;
-      dot.fill(Vec(0)), ss.fill(Vec(0)), tt.fill(Vec(0));
+      std::fill(&acc[0][0], &acc[0][0] + 3 * kLanes, opmath_t(0));
       for (int64_t d = 0; d < D; ++d) {
-        for (int k = 0; k < kUnroll; ++k) {
-          if (k * W >= n) break;
-          const Vec x = IO::load(s + d * a.s_size + k * W, n - k * W);
-          const Vec y = IO::load(t + d * a.t_size + k * W, n - k * W);
-          dot[k] = at::vec::fmadd(x, y, dot[k]);
-          ss[k] = at::vec::fmadd(x, x, ss[k]);
-          tt[k] = at::vec::fmadd(y, y, tt[k]);
+        const scalar_t* sd = s + d * a.s_size;
+        const scalar_t* td = t + d * a.t_size;
+        for (int64_t k = 0; k < nv; ++k) {
+          const Vec x = IO::load(sd + k * W, n - k * W), y = IO::load(td + k * W, n - k * W);
+          at::vec::fmadd(x, y, Vec::loadu(acc[0] + k * W)).store(acc[0] + k * W);
+          at::vec::fmadd(x, x, Vec::loadu(acc[1] + k * W)).store(acc[1] + k * W);
+          at::vec::fmadd(y, y, Vec::loadu(acc[2] + k * W)).store(acc[2] + k * W);
         }
       }
-      opmath_t buf[3][kLanes];
-      for (int k = 0; k < kUnroll; ++k) {
-        dot[k].store(buf[0] + k * W), ss[k].store(buf[1] + k * W), tt[k].store(buf[2] + k * W);
-      }
       const int64_t r0 = o * inner + i0;
-      for (int64_t j = 0; j < n; ++j) finish_row(buf[0][j], buf[1][j], buf[2][j], a.eps, distance + r0 + j, stats + 3 * (r0 + j));
+      for (int64_t j = 0; j < n; ++j) {
+        finish_row(acc[0][j], acc[1][j], acc[2][j], a.eps, distance + r0 + j, stats + 3 * (r0 + j));
+      }
     }
   });
 }
@@ -242,37 +263,44 @@ void backward_rows(const Args<scalar_t>& a, const opmath_t* g, int64_t g_outer, 
 
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void backward_columns(const Args<scalar_t>& a, const opmath_t* g, std::array<int64_t, 2> g_strides,
-                      const opmath_t* stats, opmath_t inv_eps, scalar_t* grad_s, scalar_t* grad_t) {
+                      const opmath_t* stats, opmath_t inv_eps, scalar_t* grad_s, scalar_t* grad_t, bool stream) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
-  constexpr int64_t W = IO::W, kLanes = kUnroll * W;
+  constexpr int64_t W = IO::W, kLanes = kColumnVecs * W;
   const int64_t D = a.v.size, inner = a.v.inner, blocks = (inner + kLanes - 1) / kLanes;
-  at::parallel_for(0, a.v.outer * blocks, a.grain(kLanes), [&](int64_t begin, int64_t end) {
+  stream = stream && (inner * sizeof(scalar_t)) % 64 == 0;  // then every full vector is aligned
+  at::parallel_for(0, a.v.outer * blocks, a.grain(std::min(inner, kLanes)), [&](int64_t begin, int64_t end) {
+    alignas(64) opmath_t coef[3][kLanes];  // a, b_s, b_t per lane
     for (int64_t item = begin; item < end; ++item) {
       const int64_t o = item / blocks, i0 = (item % blocks) * kLanes, n = std::min(kLanes, inner - i0);
-      // Per-lane coefficients (zero past n), then vectors of them.
-      opmath_t ca[kLanes] = {}, cbs[kLanes] = {}, cbt[kLanes] = {};
+      const int64_t nv = (n + W - 1) / W;
       for (int64_t j = 0; j < n; ++j) {
         const auto c = row_coef(g[o * g_strides[0] + (i0 + j) * g_strides[1]], stats + 3 * (o * inner + i0 + j), inv_eps);
-        ca[j] = c.a, cbs[j] = c.b_s, cbt[j] = c.b_t;
-      }
-      std::array<Vec, kUnroll> va, vbs, vbt;
-      for (int k = 0; k < kUnroll; ++k) {
-        va[k] = Vec::loadu(ca + k * W), vbs[k] = Vec::loadu(cbs + k * W), vbt[k] = Vec::loadu(cbt + k * W);
+        coef[0][j] = c.a, coef[1][j] = c.b_s, coef[2][j] = c.b_t;
       }
       const scalar_t* s = a.s + o * a.s_outer + i0;
       const scalar_t* t = a.t + o * a.t_outer + i0;
       const int64_t out0 = o * D * inner + i0;  // grads are contiguous
       for (int64_t d = 0; d < D; ++d) {
-        for (int k = 0; k < kUnroll; ++k) {
-          if (k * W >= n) break;
+        const scalar_t* sd = s + d * a.s_size;
+        const scalar_t* td = t + d * a.t_size;
+        for (int64_t k = 0; k < nv; ++k) {
           const int64_t m = n - k * W;
-          const Vec x = IO::load(s + d * a.s_size + k * W, m), y = IO::load(t + d * a.t_size + k * W, m);
-          IO::store(grad_s + out0 + d * inner + k * W, at::vec::fmadd(va[k], y, vbs[k] * x), m);
-          if (grad_t) IO::store(grad_t + out0 + d * inner + k * W, at::vec::fmadd(va[k], x, vbt[k] * y), m);
+          const Vec x = IO::load(sd + k * W, m), y = IO::load(td + k * W, m);
+          const Vec ca = Vec::loadu(coef[0] + k * W);
+          const Vec gs = at::vec::fmadd(ca, y, Vec::loadu(coef[1] + k * W) * x);
+          const int64_t off = out0 + d * inner + k * W;
+          m >= W ? IO::store1(grad_s + off, gs, stream) : IO::store(grad_s + off, gs, m);
+          if (grad_t) {
+            const Vec gt = at::vec::fmadd(ca, x, Vec::loadu(coef[2] + k * W) * y);
+            m >= W ? IO::store1(grad_t + off, gt, stream) : IO::store(grad_t + off, gt, m);
+          }
         }
       }
     }
+#ifdef CPU_CAPABILITY_AVX512
+    if (stream) _mm_sfence();
+#endif
   });
 }
 
@@ -323,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_distance_backward_cpu(const at::Tensor
                     inv_eps<opmath_t>(eps), grad_s.mutable_data_ptr<scalar_t>(), gt, stream);
     } else {
       backward_columns(args, g.const_data_ptr<opmath_t>(), g_strides, stats.const_data_ptr<opmath_t>(),
-                       inv_eps<opmath_t>(eps), grad_s.mutable_data_ptr<scalar_t>(), gt);
+                       inv_eps<opmath_t>(eps), grad_s.mutable_data_ptr<scalar_t>(), gt, stream);
     }
   });
   return {grad_s, grad_t};
