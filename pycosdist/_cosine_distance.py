@@ -22,7 +22,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_inputs(student: Tensor, teacher: Tensor, dim: int) -> list[int]:
+def _check_inputs(student: Tensor, teacher: Tensor, dim: int, eps: float) -> list[int]:
     """The checks of csrc/cosine_distance/cosine_distance_checks.h, for fake / meta tensors.
     Returns the distance shape (the input shape without ``dim``)."""
     for name, x in (("student", student), ("teacher", teacher)):
@@ -34,6 +34,7 @@ def _check_inputs(student: Tensor, teacher: Tensor, dim: int) -> list[int]:
                  f"`student` ({student.dtype}), got {teacher.dtype}")
     torch._check(student.shape == teacher.shape, lambda: "pycosdist: `student` and `teacher` must have the same "
                  f"shape, got {list(student.shape)} and {list(teacher.shape)}")
+    torch._check(eps >= 0, lambda: f"pycosdist: `eps` must be >= 0, got {eps}")
     nd = student.dim()
     torch._check(nd >= 1, lambda: "pycosdist: `student` must have at least one dimension, got a 0-D tensor")
     torch._check(-nd <= dim < nd, lambda: f"pycosdist: `dim` must be in [{-nd}, {nd - 1}] for `student` of shape "
@@ -45,7 +46,7 @@ def _check_inputs(student: Tensor, teacher: Tensor, dim: int) -> list[int]:
 
 @torch.library.register_fake("pycosdist::cosine_distance_forward")
 def _(student: Tensor, teacher: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor]:
-    shape = _check_inputs(student, teacher, dim)
+    shape = _check_inputs(student, teacher, dim, eps)
     opmath = _opmath(student.dtype)
     return student.new_empty(shape, dtype=opmath), student.new_empty(shape + [3], dtype=opmath)
 
@@ -53,7 +54,7 @@ def _(student: Tensor, teacher: Tensor, dim: int, eps: float) -> tuple[Tensor, T
 @torch.library.register_fake("pycosdist::cosine_distance_backward")
 def _(grad_distance: Tensor, student: Tensor, teacher: Tensor, row_stats: Tensor, dim: int, eps: float,
       teacher_grad: bool) -> tuple[Tensor, Tensor]:
-    shape = _check_inputs(student, teacher, dim)
+    shape = _check_inputs(student, teacher, dim, eps)
     torch._check(list(grad_distance.shape) == shape, lambda: f"pycosdist: `grad_distance` must have shape {shape}, "
                  f"got {list(grad_distance.shape)}")
     torch._check(list(row_stats.shape) == shape + [3], lambda: f"pycosdist: `row_stats` must have shape "
@@ -76,6 +77,7 @@ class _CosineDistanceLoss(torch.autograd.Function):
         return distance.to(student.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward op has no derivative itself
     def backward(ctx, grad: Tensor):
         student, teacher, row_stats = ctx.saved_tensors
         grad = grad.to(row_stats.dtype)

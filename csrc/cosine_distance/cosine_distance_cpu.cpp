@@ -9,6 +9,8 @@
 //                           kUnroll independent accumulators per sum (hides FMA latency);
 //   inner > 1 ("columns"):  adjacent rows are adjacent in memory; vectorize across a block of
 //                           rows and walk D, so dim != -1 needs no transpose.
+// Large gradients are written with non-temporal stores into recycled memory
+// (recycling_allocator.h): page-faulting fresh memory would cost more than the kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
