@@ -38,4 +38,18 @@ inline void check_dim(const at::Tensor& t, const char* name, int64_t ndim, const
               "pycosdist: `", name, "` must be ", ndim, "-D ", layout, ", got shape ", t.sizes());
 }
 
+// `dim` of `t` wrapped into [0, t.dim()); `t` must have at least one dim.
+inline int64_t wrap_dim(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() >= 1, "pycosdist: `", name, "` must have at least one dimension, got a 0-D tensor");
+  TORCH_CHECK(dim >= -t.dim() && dim < t.dim(),
+              "pycosdist: `dim` must be in [", -t.dim(), ", ", t.dim() - 1, "] for `", name, "` of shape ",
+              t.sizes(), ", got ", dim);
+  return dim < 0 ? dim + t.dim() : dim;
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected,
+              "pycosdist: `", name, "` must have shape ", expected, ", got ", t.sizes());
+}
+
 }  // namespace pycosdist
