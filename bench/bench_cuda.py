@@ -1,0 +1,158 @@
+"""CUDA benchmark, in one run: device copy bandwidth (the ceiling), the cosine distance loss
+(forward + backward) and the fused LIB + cosine loss, pycosdist vs the pure-PyTorch reference,
+eager and torch.compile'd; optionally Liger-Kernel's fused linear cosine loss.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_cuda.py [--quick]
+
+Cosine distance: "moved GB/s" counts the bytes pycosdist's two kernels must move (forward reads
+student and teacher, backward reads them again and writes the student gradient: 5 * N * D
+elements), "% copy" compares it with a device-to-device copy, "fused GB/s" counts only the
+3 * N * D elements of a single fused pass (the CPU benchmark's measure). LIB loss: peak memory
+is torch.cuda.max_memory_allocated above what the inputs and parameters hold. Every time is a
+median. Prints Markdown tables and writes bench/results/cuda_<device>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth_gbs, format_table, machine_description, median_time, write_csv  # noqa: E402
+
+COSINE_CONFIGS = [(torch.float32, 262144, 512), (torch.bfloat16, 262144, 512), (torch.float32, 16384, 256)]
+LIB_CONFIGS = [(torch.float32, 65536, 256, 512, 4), (torch.bfloat16, 65536, 256, 512, 4)]  # N, D_s, D_t, expansion
+
+
+def _step(loss_fn, leaves):
+    def step():
+        for x in leaves:
+            x.grad = None
+        loss_fn().backward()
+    return step
+
+
+def bench_cosine(pycosdist, reference, dtype, n, d, copy_gbs, quick):
+    torch.manual_seed(0)
+    student = torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
+    teacher = torch.randn(n, d, device="cuda", dtype=dtype)  # a constant, as in distillation
+    impls = {"pycosdist": pycosdist.cosine_distance_loss, "eager": reference.cosine_distance_loss,
+             "compile": torch.compile(reference.cosine_distance_loss, dynamic=False)}
+    repeats = 5 if quick else 20
+    t = {}
+    for name, fn in impls.items():
+        step = _step(lambda fn=fn: fn(student, teacher), [student])
+        step()  # compile / warm-up
+        t[name] = median_time(step, "cuda", repeats=repeats)
+    with torch.no_grad():
+        t_fwd = median_time(lambda: pycosdist.cosine_distance_loss(student, teacher), "cuda", repeats=repeats)
+    size = student.element_size()
+    moved = 5 * n * d * size / t["pycosdist"] / 1e9
+    return {
+        "dtype": str(dtype).removeprefix("torch."), "N": n, "D": d,
+        "pycosdist ms": t["pycosdist"] * 1e3, "eager ms": t["eager"] * 1e3, "compile ms": t["compile"] * 1e3,
+        "x eager": t["eager"] / t["pycosdist"], "x compile": t["compile"] / t["pycosdist"],
+        "moved GB/s": moved, "% copy": 100 * moved / copy_gbs,
+        "fwd GB/s": 2 * n * d * size / t_fwd / 1e9,
+        "fused GB/s": 3 * n * d * size / t["pycosdist"] / 1e9,
+    }
+
+
+def _peak_bytes(fn) -> int:
+    """Peak allocated memory while running fn, above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _liger_loss():
+    """Liger-Kernel's fused linear cosine loss, if installed: one linear (our W2 W1 folded), the
+    teacher side through an identity matrix, no hard loss. None when it is not available."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearCosineSimilarityLoss
+    except Exception:  # noqa: BLE001 - optional dependency, any import failure means "skip"
+        return None
+    loss = LigerFusedLinearCosineSimilarityLoss(weight_hard_loss=0.0, weight_soft_loss=1.0)
+
+    def fn(student, teacher, w1, b1, w2, b2):
+        eye = torch.eye(teacher.shape[1], device=teacher.device, dtype=teacher.dtype)
+        labels = torch.zeros(student.shape[0], dtype=torch.long, device=student.device)
+        return loss(student, w2 @ w1, teacher, eye, labels)
+    return fn
+
+
+def bench_lib(pycosdist, reference, dtype, n, d_s, d_t, expansion, quick):
+    torch.manual_seed(0)
+    e = expansion * d_s
+    student = torch.randn(n, d_s, device="cuda", dtype=dtype, requires_grad=True)
+    teacher = torch.randn(n, d_t, device="cuda", dtype=dtype)
+    params = [(torch.randn(e, d_s, device="cuda", dtype=dtype) / d_s ** 0.5).requires_grad_(),
+              torch.zeros(e, device="cuda", dtype=dtype, requires_grad=True),
+              (torch.randn(d_t, e, device="cuda", dtype=dtype) / e ** 0.5).requires_grad_(),
+              torch.zeros(d_t, device="cuda", dtype=dtype, requires_grad=True)]
+    impls = {"pycosdist": pycosdist.lib_cosine_distance_loss, "eager": reference.lib_cosine_distance_loss,
+             "compile": torch.compile(reference.lib_cosine_distance_loss, dynamic=False)}
+    liger = _liger_loss()
+    if liger is not None:
+        impls["liger (W2 W1 folded)"] = liger
+    rows = []
+    for name, fn in impls.items():
+        step = _step(lambda fn=fn: fn(student, teacher, *params), [student, *params])
+        try:
+            step()  # compile / warm-up
+            peak = _peak_bytes(step)
+            ms = median_time(step, "cuda", repeats=5 if quick else 15) * 1e3
+        except Exception as exc:  # noqa: BLE001 - e.g. an optional baseline's API changed: report, go on
+            print(f"bench_cuda: {name} failed on LIB {dtype} N={n}: {exc!r}", file=sys.stderr)
+            continue
+        rows.append({"impl": name, "dtype": str(dtype).removeprefix("torch."), "N": n, "D_s": d_s, "E": e, "D_t": d_t,
+                     "ms": ms, "peak MiB": peak / 2**20})
+    base = next((r["ms"] for r in rows if r["impl"] == "pycosdist"), None)
+    for r in rows:
+        r["x vs pycosdist"] = r["ms"] / base if base else float("nan")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_cuda: no CUDA device (torch.cuda.is_available() is False): nothing to measure.")
+        return
+    import pycosdist
+    from pycosdist import reference
+    if not pycosdist.build_info()["with_cuda"]:
+        print("bench_cuda: pycosdist was built without its CUDA kernels (no CUDA compiler at build time): "
+              "rebuild with nvcc on PATH.")
+        return
+
+    device = machine_description("cuda")
+    copy_gbs = copy_bandwidth_gbs(device="cuda")
+    print(f"{device}: device-to-device copy {copy_gbs:.0f} GB/s (read + write)\n")
+
+    cosine = [bench_cosine(pycosdist, reference, dt, n, d, copy_gbs, args.quick) for dt, n, d in COSINE_CONFIGS]
+    print("cosine distance loss, forward + backward\n")
+    print(format_table(cosine))
+    lib = [r for cfg in LIB_CONFIGS for r in bench_lib(pycosdist, reference, *cfg, args.quick)]
+    print("\nfused LIB + cosine distance loss, forward + backward (peak memory above inputs and parameters)\n")
+    print(format_table(lib))
+
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    rows = [{"bench": "copy", "device": device, "GB/s": copy_gbs}]
+    rows += [{"bench": "cosine", "device": device, **r} for r in cosine]
+    rows += [{"bench": "lib", "device": device, **r} for r in lib]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    path = write_csv(f"cuda_{slug}.csv", [{k: r.get(k, "") for k in keys} for r in rows])
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

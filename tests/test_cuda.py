@@ -1,0 +1,391 @@
+"""CUDA kernels (csrc/*/*_cuda.cpp, *.cu) against the float64 pure-PyTorch reference, gradcheck,
+opcheck, torch.compile and streams, through the public API and the raw ops.
+
+Skipped as a whole without a CUDA device, or when the extension was built without its CUDA
+kernels (no CUDA compiler at build time).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pycosdist
+from pycosdist import reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not pycosdist.build_info()["with_cuda"],
+                       reason="pycosdist was built without its CUDA kernels (no CUDA compiler at build time)"),
+]
+
+ops = torch.ops.pycosdist
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# Relative tolerance per dtype (values and gradients, relative to the scale of what is compared).
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=DEV, dtype=dtype)
+
+
+def _upstream(shape, seed=9):
+    """Upstream gradients exactly representable in every dtype (multiples of 1/8 in [-1, 1])."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randint(-8, 9, tuple(shape), generator=g, device=DEV).double() / 8
+
+
+# ---------------------------------------------------------------- cosine_distance
+
+def _check_cosine(student, teacher, dim=-1, eps=1e-8, reduction="none", teacher_grad=True):
+    """pycosdist's forward and backward vs the float64 reference on the same (rounded) values."""
+    dtype = student.dtype
+    s = student.detach().requires_grad_()  # detach keeps strides (views stay views)
+    t = teacher.detach().requires_grad_(teacher_grad)
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double().requires_grad_(teacher_grad)
+    out = pycosdist.cosine_distance_loss(s, t, dim, eps, reduction)
+    rows = reference.cosine_distance(s64, t64, dim, eps)
+    rows.retain_grad()
+    ref = reference.reduce(rows, reduction)
+    assert out.device.type == "cuda" and out.dtype == dtype and out.shape == ref.shape
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol * max(1.0, ref.abs().max().item() if ref.numel() else 1.0),
+                               rtol=tol)
+    upstream = _upstream(ref.shape)
+    (out.double() * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    pairs = [(s64, s.grad, s64.grad)] + ([(t64, t.grad, t64.grad)] if teacher_grad else [])
+    if not teacher_grad:
+        assert t.grad is None
+    for x, got, want in pairs:
+        assert got.dtype == dtype and got.shape == want.shape and got.device.type == "cuda"
+        assert torch.isfinite(got).all()
+        if want.numel():
+            # Error relative to each row's own scale (rows may differ by 1e8): its largest gradient,
+            # or |g| / max(|x|, eps), the size of the two terms that cancel in it.
+            g = rows.grad.unsqueeze(dim).abs()
+            scale = want.abs().amax(dim, keepdim=True) + g / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(eps)
+            assert ((got.double() - want).abs() <= tol * scale).all(), (got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", [
+    ((37, 77), -1),           # odd D: scalar loads
+    ((64, 512), -1),          # 16-byte packs, a warp per row
+    ((6, 4096), -1),          # few long rows: several warps per row
+    ((2, 70001), -1),         # very long odd rows
+    ((7, 1), -1),             # D = 1
+    ((3, 0), -1),             # D = 0: distance 1
+    ((5, 33), 0),             # dim=0: inner = 33, column kernel
+    ((2, 6, 9, 70), 1),       # (B, C, F, T), dim=1: inner = 630
+    ((4, 6, 5), 0),           # inner < 32
+    ((3, 130, 2), -2),        # negative dim, inner = 2
+    ((70000, 3), 0),          # long column reduction, inner = 3
+])
+def test_cosine_matches_reference(dtype, shape, dim):
+    _check_cosine(_randn(*shape, dtype=dtype), _randn(*shape, dtype=dtype, seed=2), dim)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_cosine_reductions(reduction, dim):
+    _check_cosine(_randn(4, 19, 24), _randn(4, 19, 24, seed=2), dim, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_cosine_zero_rows_are_finite(dtype, dim):
+    s, t = _randn(8, 16, 32, dtype=dtype), _randn(8, 16, 32, dtype=dtype, seed=2)
+    sv, tv = s.movedim(dim, -1), t.movedim(dim, -1)  # views: rows along the last dim
+    sv[0, 0] = 0   # a zero student row
+    sv[1] = 0      # a block of them
+    tv[0, 1] = 0   # a zero teacher row
+    sv[3, 3] = 0   # both zero
+    tv[3, 3] = 0
+    _check_cosine(s, t, dim)
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x.t(),                       # transposed: copied to contiguous
+    lambda x: x[:, :128],                  # rows with a larger stride, still 16-byte packs
+    lambda x: x[:, 1:129],                 # misaligned rows: scalar loads
+    lambda x: x[::2],                      # every other row
+    lambda x: x[:1].expand(64, -1),        # one row repeated (stride 0)
+], ids=["transposed", "row-stride", "misaligned", "every-other-row", "expanded"])
+def test_cosine_noncontiguous(make):
+    s, t = make(_randn(192, 192)), make(_randn(192, 192, seed=2))
+    _check_cosine(s, t)
+    _check_cosine(s, t.contiguous(), teacher_grad=False)
+
+
+def test_cosine_noncontiguous_dim1():
+    s = _randn(4, 40, 30).transpose(1, 2)  # (4, 30, 40), dim=1 has unit stride: copied
+    t = _randn(4, 30, 40, seed=2)
+    _check_cosine(s, t, dim=1)
+
+
+def test_cosine_raw_ops_row_stats_and_expanded_grad():
+    s, t = _randn(50, 64), _randn(50, 64, seed=2)
+    s[3] = 0
+    distance, stats = ops.cosine_distance_forward(s, t, -1, 1e-8)
+    s64, t64 = s.double(), t.double()
+    ns = torch.linalg.vector_norm(s64, dim=-1).clamp_min(1e-8)
+    nt = torch.linalg.vector_norm(t64, dim=-1).clamp_min(1e-8)
+    cos = (s64 * t64).sum(-1) / (ns * nt)
+    assert distance.dtype == stats.dtype == torch.float32 and stats.shape == (50, 3)
+    torch.testing.assert_close(distance.double(), 1 - cos, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stats.double(), torch.stack([cos, 1 / ns, 1 / nt], -1), atol=1e-6, rtol=1e-6)
+    # An expanded scalar upstream gradient (stride 0) and teacher_grad=False.
+    grad = torch.full((), 0.5, device=DEV).expand(50)
+    gs, gt = ops.cosine_distance_backward(grad, s, t, stats, -1, 1e-8, False)
+    assert gt.numel() == 0 and gs.dtype == s.dtype
+    s_ref = s64.clone().requires_grad_()
+    (0.5 * reference.cosine_distance(s_ref, t64)).sum().backward()
+    for rows in ([3], [r for r in range(50) if r != 3]):  # the zero row's gradient is ~1e8 larger
+        want = s_ref.grad[rows]
+        torch.testing.assert_close(gs[rows].double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_cosine_gradcheck(dim):
+    s = _randn(3, 5, 7, dtype=torch.float64).requires_grad_()
+    t = _randn(3, 5, 7, dtype=torch.float64, seed=2).requires_grad_()
+    for reduction in ("none", "mean"):
+        assert torch.autograd.gradcheck(lambda a, b: pycosdist.cosine_distance_loss(a, b, dim, 1e-8, reduction), (s, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_cosine_opcheck(dtype, dim):
+    s, t = _randn(8, 24, dtype=dtype), _randn(8, 24, dtype=dtype, seed=2)
+    torch.library.opcheck(ops.cosine_distance_forward.default, (s, t, dim, 1e-8))
+    distance, stats = ops.cosine_distance_forward(s, t, dim, 1e-8)
+    for teacher_grad in (False, True):
+        torch.library.opcheck(ops.cosine_distance_backward.default,
+                              (torch.ones_like(distance), s, t, stats, dim, 1e-8, teacher_grad))
+
+
+def test_cosine_compile_matches_eager():
+    fn = torch.compile(pycosdist.cosine_distance_loss, fullgraph=True)
+    s = _randn(64, 96).requires_grad_()
+    t = _randn(64, 96, seed=2)
+    out = fn(s, t)
+    out.backward()
+    grad, s.grad = s.grad, None
+    ref = pycosdist.cosine_distance_loss(s, t)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, s.grad)
+
+
+def test_runs_on_the_current_stream():
+    """Inputs produced on a busy side stream: the kernels must queue behind them on that stream."""
+    base_s, base_t = _randn(4096, 256), _randn(4096, 256, seed=2)
+    want = pycosdist.cosine_distance_loss(2 * base_s, 3 * base_t, reduction="none")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy for a while
+        s = (2 * base_s).requires_grad_()
+        t = 3 * base_t
+        got = pycosdist.cosine_distance_loss(s, t, reduction="none")
+        got.sum().backward()
+    side.synchronize()
+    torch.testing.assert_close(got, want)
+    s_ref = (2 * base_s).requires_grad_()
+    pycosdist.cosine_distance_loss(s_ref, 3 * base_t, reduction="none").sum().backward()
+    torch.testing.assert_close(s.grad, s_ref.grad)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device():
+    s, t = _randn(32, 64).to("cuda:1"), _randn(32, 64, seed=2).to("cuda:1")
+    out = pycosdist.cosine_distance_loss(s, t, reduction="none")
+    assert out.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.cpu().double(), reference.cosine_distance(s.cpu().double(), t.cpu().double()),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cosine_device_mismatch_is_an_error():
+    with pytest.raises((RuntimeError, ValueError), match="teacher"):
+        pycosdist.cosine_distance_loss(_randn(4, 8), torch.randn(4, 8))
+
+
+# ---------------------------------------------------------------- LIB projection and fused loss
+
+def _lib_params(d_s, d_t, e, dtype, bias=True, seed=3):
+    w1 = _randn(e, d_s, dtype=dtype, seed=seed) / d_s ** 0.5
+    w2 = _randn(d_t, e, dtype=dtype, seed=seed + 1) / e ** 0.5
+    b1 = _randn(e, dtype=dtype, seed=seed + 2) if bias else None
+    b2 = _randn(d_t, dtype=dtype, seed=seed + 3) if bias else None
+    return w1, b1, w2, b2
+
+
+def _grads(fn, *args):
+    """Output of fn(*args) and the gradients of (output * upstream).sum() w.r.t. every tensor arg
+    that is a leaf requiring grad (None for the others)."""
+    out = fn(*args)
+    upstream = _upstream(out.shape).to(out.dtype)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads = torch.autograd.grad((out * upstream).sum(), leaves)
+    it = iter(grads)
+    return out, [next(it) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args]
+
+
+def _assert_scaled_close(got, want, tol):
+    assert got.shape == want.shape, (got.shape, want.shape)
+    scale = want.abs().max().item() if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want.double(), atol=tol * max(scale, 1e-30), rtol=tol)
+
+
+LIB_TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_lib_projection_matches_reference(dtype, bias):
+    x = _randn(2, 5, 24, dtype=dtype).requires_grad_()
+    params = [p.requires_grad_() if p is not None else None for p in _lib_params(24, 40, 96, dtype, bias)]
+    out, grads = _grads(pycosdist.lib_projection, x, *params)
+    ref_args = [a.detach().double().requires_grad_() if a is not None else None for a in (x, *params)]
+    ref, ref_grads = _grads(reference.lib_projection, *ref_args)
+    assert out.dtype == dtype and out.device.type == "cuda" and out.shape == (2, 5, 40)
+    _assert_scaled_close(out, ref, LIB_TOL[dtype])
+    for got, want in zip(grads, ref_grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert got.dtype == dtype
+            _assert_scaled_close(got, want, LIB_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 64, 1000])
+def test_lib_loss_matches_reference(dtype, bias, reduction, chunk_size):
+    student = _randn(3, 50, 24, dtype=dtype).requires_grad_()   # 'nd': 150 frames of D_s = 24
+    teacher = _randn(3, 50, 40, dtype=dtype, seed=2)
+    teacher[0, :5] = 0                                           # zero teacher frames: finite grads
+    params = [p.requires_grad_() if p is not None else None for p in _lib_params(24, 40, 96, dtype, bias)]
+
+    def ours(s, w1, b1, w2, b2):
+        return pycosdist.lib_cosine_distance_loss(s, teacher, w1, b1, w2, b2, 1e-8, reduction, "nd", chunk_size)
+
+    def ref_fn(s, w1, b1, w2, b2):
+        return reference.lib_cosine_distance_loss(s, teacher.double(), w1, b1, w2, b2, 1e-8, reduction, "nd")
+
+    out, grads = _grads(ours, student, *params)
+    ref_args = [a.detach().double().requires_grad_() if a is not None else None for a in (student, *params)]
+    ref, ref_grads = _grads(ref_fn, *ref_args)
+    assert out.device.type == "cuda" and out.shape == ref.shape
+    _assert_scaled_close(out, ref, LIB_TOL[dtype])
+    for got, want in zip(grads, ref_grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert got.dtype == dtype and torch.isfinite(got).all()
+            _assert_scaled_close(got, want, LIB_TOL[dtype])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_lib_loss_bcft_layout(chunk_size):
+    b, c, f, t_, ct, ft = 2, 4, 6, 33, 8, 5                     # D_s = 24 frames of (c, f), D_t = 40
+    student = _randn(b, c, f, t_).requires_grad_()
+    teacher = _randn(b, ct, ft, t_, seed=2)
+    params = [p.requires_grad_() for p in _lib_params(c * f, ct * ft, 4 * c * f, torch.float32)]
+    out, grads = _grads(lambda s, *p: pycosdist.lib_cosine_distance_loss(s, teacher, *p, 1e-8, "none", "bcft",
+                                                                        chunk_size), student, *params)
+    ref_args = [a.detach().double().requires_grad_() for a in (student, *params)]
+    ref, ref_grads = _grads(lambda s, *p: reference.lib_cosine_distance_loss(s, teacher.double(), *p, 1e-8, "none",
+                                                                            "bcft"), *ref_args)
+    _assert_scaled_close(out, ref, 1e-4)
+    for got, want in zip(grads, ref_grads):
+        _assert_scaled_close(got, want, 1e-4)
+
+
+def test_lib_raw_ops_forward_grads_equal_backward_op():
+    """lib_cosine_distance_forward's in-pass gradients (grad_scale * sum) equal the backward op's
+    with a constant per-row gradient, and the float64 reference's."""
+    s, t = _randn(300, 24, dtype=torch.float64), _randn(300, 40, dtype=torch.float64, seed=2)
+    w1, b1, w2, b2 = _lib_params(24, 40, 96, torch.float64)
+    fwd = ops.lib_cosine_distance_forward(s, t, w1, b1, w2, b2, 1e-8, 64, 0.25, True)
+    bwd = ops.lib_cosine_distance_backward(torch.full((300,), 0.25, device=DEV, dtype=torch.float64), s, t, w1, b1,
+                                           w2, b2, 1e-8, 17)
+    for a, b in zip(fwd[1:], bwd):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    args = [a.clone().requires_grad_() for a in (s, w1, b1, w2, b2)]
+    distance = reference.cosine_distance(reference.lib_projection(args[0], *args[1:]), t)
+    torch.testing.assert_close(fwd[0], distance.detach(), atol=1e-12, rtol=1e-12)
+    (0.25 * distance.sum()).backward()
+    for got, x in zip(fwd[1:], args):
+        torch.testing.assert_close(got, x.grad, atol=1e-12, rtol=1e-10)
+    # Without compute_grad (and without biases): only the distance, empty gradients.
+    out = ops.lib_cosine_distance_forward(s, t, w1, None, w2, None, 1e-8, 0, 1.0, False)
+    assert all(g.numel() == 0 for g in out[1:])
+    torch.testing.assert_close(out[0], reference.cosine_distance(reference.lib_projection(s, w1, None, w2, None), t))
+
+
+def test_lib_gradcheck():
+    s = _randn(9, 6, dtype=torch.float64).requires_grad_()
+    t = _randn(9, 5, dtype=torch.float64, seed=2)
+    params = [p.requires_grad_() for p in _lib_params(6, 5, 12, torch.float64)]
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda *a: pycosdist.lib_cosine_distance_loss(a[0], t, *a[1:], 1e-8, reduction, "nd", 4), (s, *params))
+    assert torch.autograd.gradcheck(pycosdist.lib_projection, (s, *params))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lib_opcheck(bias):
+    s, t = _randn(20, 8), _randn(20, 12, seed=2)
+    w1, b1, w2, b2 = _lib_params(8, 12, 32, torch.float32, bias)
+    torch.library.opcheck(ops.lib_projection_forward.default, (s, w1, b1, w2, b2))
+    out, hidden = ops.lib_projection_forward(s, w1, b1, w2, b2)
+    torch.library.opcheck(ops.lib_projection_backward.default, (torch.ones_like(out), s, hidden, w1, w2, bias, bias))
+    for compute_grad in (False, True):
+        torch.library.opcheck(ops.lib_cosine_distance_forward.default, (s, t, w1, b1, w2, b2, 1e-8, 6, 0.5, compute_grad))
+    torch.library.opcheck(ops.lib_cosine_distance_backward.default,
+                          (torch.ones(20, device=DEV), s, t, w1, b1, w2, b2, 1e-8, 6))
+
+
+def test_lib_compile_matches_eager():
+    s = _randn(128, 24).requires_grad_()
+    t = _randn(128, 40, seed=2)
+    params = [p.requires_grad_() for p in _lib_params(24, 40, 96, torch.float32)]
+    fn = torch.compile(pycosdist.lib_cosine_distance_loss, fullgraph=True)
+    got, got_grads = _grads(lambda *a: fn(a[0], t, *a[1:]), s, *params)
+    want, want_grads = _grads(lambda *a: pycosdist.lib_cosine_distance_loss(a[0], t, *a[1:]), s, *params)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_lib_module_matches_reference():
+    module = pycosdist.nn.CosineLIBDistillationLoss(24, 40, expansion=4, bias=True, chunk_size=16).to(DEV)
+    # Find W1, b1, W2, b2 by shape (unique here: E = 96).
+    by_shape = {tuple(p.shape): p for p in module.parameters()}
+    w1, b1, w2, b2 = (by_shape[(96, 24)], by_shape[(96,)], by_shape[(40, 96)], by_shape[(40,)])
+    student = _randn(4, 30, 24).requires_grad_()
+    teacher = _randn(4, 30, 40, seed=2)
+    loss = module(student, teacher)
+    loss.backward()
+    ref_args = [a.detach().double().requires_grad_() for a in (student, w1, b1, w2, b2)]
+    ref = reference.lib_cosine_distance_loss(ref_args[0], teacher.double(), *ref_args[1:])
+    ref.backward()
+    _assert_scaled_close(loss, ref, 1e-4)
+    for got, want in zip((student, w1, b1, w2, b2), ref_args):
+        _assert_scaled_close(got.grad, want.grad, 1e-4)
+
+
+def test_lib_mismatched_shapes_are_errors():
+    s, t = _randn(10, 24), _randn(10, 40, seed=2)
+    w1, b1, w2, b2 = _lib_params(24, 40, 96, torch.float32)
+    with pytest.raises((RuntimeError, ValueError), match="w1"):
+        pycosdist.lib_cosine_distance_loss(s, t, w1[:, :20], b1, w2, b2)
+    with pytest.raises((RuntimeError, ValueError), match="teacher"):
+        pycosdist.lib_cosine_distance_loss(s, t[:9], w1, b1, w2, b2)
+    with pytest.raises((RuntimeError, ValueError), match="device|cuda|cpu"):
+        pycosdist.lib_cosine_distance_loss(s, t, w1.cpu(), b1, w2, b2)
