@@ -156,6 +156,18 @@ def test_teacher_gets_no_gradient():
     assert t.grad is None and s.grad is not None
 
 
+def test_loss_is_deterministic():
+    # several chunks per thread, weight gradients summed over threads in a fixed order
+    s, t, w1, b1, w2, b2 = make(n=200)
+    runs = []
+    for _ in range(2):
+        ours = leaves(s, w1, b1, w2, b2)
+        pycosdist.lib_cosine_distance_loss(ours[0], t, *ours[1:], chunk_size=8).backward()
+        runs.append([x.grad for x in ours])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- lib_projection vs reference
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -362,3 +374,4 @@ def test_error_options(kwargs, match):
     s, t, w1, b1, w2, b2 = make()
     with pytest.raises((ValueError, RuntimeError), match=match):
         pycosdist.lib_cosine_distance_loss(s, t, w1, b1, w2, b2, **kwargs)
+

@@ -13,17 +13,20 @@
 // 'mean' / 'sum' the gradients of grad_scale * sum(d) come out of the forward, and the
 // autograd Function only scales them by the upstream scalar (the chunked fused-linear-loss
 // idea). The backward op (reduction='none') recomputes h and p with per-row upstream grads.
+// Chunks run in parallel, one thread each, every GEMM single-threaded (see run_chunks).
 // Half types run everything in float32 ("opmath"): weights converted once, rows per chunk.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "lib_cosine_loss/lib_cosine_loss_checks.h"
 
@@ -33,14 +36,20 @@ namespace {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-// Automatic chunk: the chunk's opmath intermediates (h and p rows) take about this much, so
-// they stay cache-resident between the GEMM that writes them and the next that reads them,
-// while the GEMMs stay large enough (hundreds of rows) to run at full speed.
-constexpr int64_t kChunkBytes = 4 << 20;
+// Automatic chunk: a thread's opmath intermediates (h and p rows) take about this much (its
+// share of L2), so they stay cache-resident between the GEMM that writes them and the next one
+// that reads them, while the GEMMs stay large enough (hundreds of rows) to run at full speed;
+// and at least a few chunks per thread, so that every thread gets about the same work.
+constexpr int64_t kChunkBytes = 2 << 20;
+constexpr int64_t kMinChunksPerThread = 4;
 
 int64_t chunk_rows(int64_t requested, int64_t n, const lib_projection::Dims& d, int64_t elem_size) {
   int64_t rows = requested;
-  if (rows <= 0) rows = std::max<int64_t>(64, kChunkBytes / ((d.e + d.d_t) * elem_size) / 64 * 64);
+  if (rows <= 0) {
+    rows = kChunkBytes / ((d.e + d.d_t) * elem_size);
+    rows = std::min(rows, n / (kMinChunksPerThread * at::get_num_threads()));
+    rows = std::max<int64_t>(32, rows / 32 * 32);
+  }
   return std::max<int64_t>(1, std::min(rows, n));
 }
 
@@ -115,55 +124,88 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> finish(const Grads& g, const 
   return {g.s, g.w1.to(w1.scalar_type()), out(g.b1), g.w2.to(w1.scalar_type()), out(g.b2)};
 }
 
-// The chunk loop (see the top of the file).
+// One chunk of c rows from row r0 (see the top of the file). `buf`: this thread's buffers.
+struct ChunkBuffers {
+  Tensor h, p, ones, s, t, gs;  // (chunk, E), (chunk, D_t), (chunk); half types: (chunk, D_s | D_t | D_s)
+};
+
+void run_chunk(int64_t r0, int64_t c, const Tensor& student, const Tensor& teacher, const Weights& w, double eps,
+               const Tensor& scale, int64_t scale_stride, Tensor* distance, Grads* grads, const ChunkBuffers& buf) {
+  const bool cast = student.scalar_type() != w.w1.scalar_type();  // half types: rows go through float32 buffers
+  Tensor s = student.narrow(0, r0, c), t = teacher.narrow(0, r0, c);  // (c, D_s), (c, D_t)
+  if (cast) {
+    s = buf.s.narrow(0, 0, c).copy_(s);
+    t = buf.t.narrow(0, 0, c).copy_(t);
+  }
+  Tensor h = buf.h.narrow(0, 0, c), p = buf.p.narrow(0, 0, c);
+  at::linear_out(h, s, w.w1, w.b1);  // addmm_out / mm_out
+  at::linear_out(p, h, w.w2, w.b2);
+  AT_DISPATCH_FLOATING_TYPES(w.w1.scalar_type(), "lib_cosine_rows", [&] {
+    cosine_rows<scalar_t>(p.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), c, p.size(1), static_cast<scalar_t>(eps),
+                          scale.data_ptr<scalar_t>() + r0 * scale_stride, scale_stride,
+                          distance ? distance->data_ptr<scalar_t>() + r0 : nullptr, grads != nullptr);
+  });
+  if (!grads) return;
+  const Tensor& dp = p;  // (c, D_t)
+  const Tensor ones = buf.ones.narrow(0, 0, c);
+  grads->w2.addmm_(dp.t(), h);
+  if (grads->b2) grads->b2->addmv_(dp.t(), ones);
+  const Tensor& dh = at::mm_out(h, dp, w.w2);  // (c, E), over h
+  grads->w1.addmm_(dh.t(), s);
+  if (grads->b1) grads->b1->addmv_(dh.t(), ones);
+  Tensor gs = grads->s.narrow(0, r0, c);  // (c, D_s)
+  if (cast) {
+    Tensor gs32 = buf.gs.narrow(0, 0, c);
+    gs.copy_(at::mm_out(gs32, dh, w.w1));
+  } else {
+    at::mm_out(gs, dh, w.w1);
+  }
+}
+
+// The chunk loop, parallel over chunks: task k of n_tasks (one per thread) takes chunks k,
+// k + n_tasks, ..., runs their GEMMs single-threaded (inside the parallel region) and
+// accumulates the weight gradients in its own buffers, summed in task order at the end (a fixed
+// schedule: the same thread count gives bitwise the same result). One parallel region per call, not one per GEMM and element-wise
+// pass: on shared cores every region costs a scheduler time slice (measured 8x slower on a
+// loaded 2-core machine), and a single-threaded GEMM on a cache-sized chunk runs each core as
+// fast as one big multithreaded GEMM does.
 //   student: (N, D_s), teacher: (N, D_t), contiguous, input dtype
 //   scale:   opmath; row r's upstream gradient is scale[r * scale_stride]
 //   distance: (N,) opmath, or nullptr;  grads: nullptr for distances only
 void run_chunks(const Tensor& student, const Tensor& teacher, const Weights& w, double eps, int64_t chunk,
                 const Tensor& scale, int64_t scale_stride, Tensor* distance, Grads* grads) {
-  const auto opmath = w.w1.scalar_type();
-  const bool cast = student.scalar_type() != opmath;  // half types: rows go through float32 buffers
-  const int64_t n = student.size(0), d_s = student.size(1), e = w.w1.size(0), d_t = w.w2.size(0);
-  const auto opts = student.options().dtype(opmath);
-  Tensor hbuf = at::empty({chunk, e}, opts);    // h, then dL/dh
-  Tensor pbuf = at::empty({chunk, d_t}, opts);  // p, then dL/dp
-  Tensor ones = grads ? at::ones({chunk}, opts) : Tensor();  // bias grads as GEMVs: no temporaries
-  Tensor sbuf, tbuf, gsbuf;
-  if (cast) {
-    sbuf = at::empty({chunk, d_s}, opts);
-    tbuf = at::empty({chunk, d_t}, opts);
-    if (grads) gsbuf = at::empty({chunk, d_s}, opts);
+  const int64_t n = student.size(0), n_chunks = (n + chunk - 1) / chunk;
+  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
+  std::vector<Grads> partial;  // task 0 accumulates into `grads` itself
+  for (int64_t k = 0; grads && k < n_tasks; ++k) {
+    partial.push_back(k == 0 ? *grads : Grads{grads->s, at::zeros_like(grads->w1), at::zeros_like(grads->w2),
+                                              grads->b1 ? OptTensor(at::zeros_like(*grads->b1)) : OptTensor(),
+                                              grads->b2 ? OptTensor(at::zeros_like(*grads->b2)) : OptTensor()});
   }
-  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-    const int64_t c = std::min(chunk, n - r0);
-    Tensor s = student.narrow(0, r0, c), t = teacher.narrow(0, r0, c);  // (c, D_s), (c, D_t)
-    if (cast) {
-      s = sbuf.narrow(0, 0, c).copy_(s);
-      t = tbuf.narrow(0, 0, c).copy_(t);
+  const bool cast = student.scalar_type() != w.w1.scalar_type();
+  const auto opts = student.options().dtype(w.w1.scalar_type());
+  const at::ThreadLocalState caller;  // the ATen calls below must see the caller's dispatch state (no autograd)
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard tls(caller);
+    for (int64_t task = begin; task < end; ++task) {
+      ChunkBuffers buf{at::empty({chunk, w.w1.size(0)}, opts), at::empty({chunk, w.w2.size(0)}, opts)};
+      if (grads) buf.ones = at::ones({chunk}, opts);  // bias grads as GEMVs: no temporaries
+      if (cast) {
+        buf.s = at::empty({chunk, student.size(1)}, opts);
+        buf.t = at::empty({chunk, teacher.size(1)}, opts);
+        if (grads) buf.gs = at::empty({chunk, student.size(1)}, opts);
+      }
+      for (int64_t k = task; k < n_chunks; k += n_tasks) {
+        run_chunk(k * chunk, std::min(chunk, n - k * chunk), student, teacher, w, eps, scale, scale_stride, distance,
+                  grads ? &partial[task] : nullptr, buf);
+      }
     }
-    Tensor h = hbuf.narrow(0, 0, c), p = pbuf.narrow(0, 0, c);
-    at::linear_out(h, s, w.w1, w.b1);  // addmm_out / mm_out
-    at::linear_out(p, h, w.w2, w.b2);
-    AT_DISPATCH_FLOATING_TYPES(opmath, "lib_cosine_rows", [&] {
-      cosine_rows<scalar_t>(p.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), c, d_t, static_cast<scalar_t>(eps),
-                            scale.data_ptr<scalar_t>() + r0 * scale_stride, scale_stride,
-                            distance ? distance->data_ptr<scalar_t>() + r0 : nullptr, grads != nullptr);
-    });
-    if (!grads) continue;
-    const Tensor& dp = p;  // (c, D_t)
-    const Tensor ones_c = ones.narrow(0, 0, c);
-    grads->w2.addmm_(dp.t(), h);
-    if (grads->b2) grads->b2->addmv_(dp.t(), ones_c);
-    const Tensor& dh = at::mm_out(h, dp, w.w2);  // (c, E), over h
-    grads->w1.addmm_(dh.t(), s);
-    if (grads->b1) grads->b1->addmv_(dh.t(), ones_c);
-    Tensor gs = grads->s.narrow(0, r0, c);  // (c, D_s)
-    if (cast) {
-      Tensor gs32 = gsbuf.narrow(0, 0, c);
-      gs.copy_(at::mm_out(gs32, dh, w.w1));
-    } else {
-      at::mm_out(gs, dh, w.w1);
-    }
+  });
+  for (size_t k = 1; k < partial.size(); ++k) {
+    grads->w1.add_(partial[k].w1);
+    grads->w2.add_(partial[k].w2);
+    if (grads->b1) grads->b1->add_(*partial[k].b1);
+    if (grads->b2) grads->b2->add_(*partial[k].b2);
   }
 }
 
