@@ -165,6 +165,14 @@ def lib_cosine_distance_loss(student_latent: Tensor, teacher_latent: Tensor, w1:
     if s_frames != t_frames:
         raise ValueError(f"pycosdist: `student_latent` (shape {list(student_latent.shape)}) and `teacher_latent` "
                          f"(shape {list(teacher_latent.shape)}) must have the same {frame_dims} frame dims")
+    # Per-frame sizes against the weights, with the caller's shapes (the op sees flattened rows).
+    for name, x, dim, w_name, w, w_dim in (("student_latent", student_latent, "D_s", "w1", w1, 1),
+                                           ("teacher_latent", teacher_latent, "D_t", "w2", w2, 0)):
+        size, how = (x.shape[1] * x.shape[2], f" = C*F = {x.shape[1]}*{x.shape[2]}") if layout == "bcft" \
+            else (x.shape[-1], "")
+        if w.dim() == 2 and w.shape[w_dim] != size:
+            raise ValueError(f"pycosdist: `{name}` has {dim}={size}{how} features per frame (shape {list(x.shape)}), "
+                             f"but `{w_name}` (shape {list(w.shape)}) expects {dim}={w.shape[w_dim]}")
     student = frames(student_latent, layout)            # (N, D_s)
     teacher = frames(teacher_latent.detach(), layout)   # (N, D_t)
     compute_grad = torch.is_grad_enabled() and any(

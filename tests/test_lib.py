@@ -301,17 +301,38 @@ def shapes_in(msg, *shapes):
 def test_error_student_dim_vs_w1():
     s, t, w1, b1, w2, b2 = make()
     w1 = torch.randn(E, D_S + 1)
-    with pytest.raises(RuntimeError, match="student") as e:
+    with pytest.raises(ValueError, match="student_latent") as e:
         pycosdist.lib_cosine_distance_loss(s, t, w1, b1, w2, b2)
     assert shapes_in(str(e.value), s.shape, w1.shape) and "D_s" in str(e.value)
+    with pytest.raises(RuntimeError, match="`student` has D_s") as e:  # the op itself
+        ops.lib_cosine_distance_forward(s, t, w1, b1, w2, b2, 1e-8, 0, 1.0, False)
+    assert shapes_in(str(e.value), s.shape, w1.shape)
 
 
 def test_error_teacher_dim_vs_w2():
     s, t, w1, b1, w2, b2 = make()
     t = torch.randn(50, D_T + 3)
-    with pytest.raises(RuntimeError, match="teacher") as e:
+    with pytest.raises(ValueError, match="teacher_latent") as e:
         pycosdist.lib_cosine_distance_loss(s, t, w1, b1, w2, b2)
     assert shapes_in(str(e.value), t.shape, w2.shape) and "D_t" in str(e.value)
+    with pytest.raises(RuntimeError, match="`teacher` has D_t") as e:  # the op itself
+        ops.lib_cosine_distance_forward(s, t, w1, b1, w2, b2, 1e-8, 0, 1.0, False)
+    assert shapes_in(str(e.value), t.shape, w2.shape)
+
+
+def test_error_bcft_feature_size():
+    s, t = torch.randn(2, 3, 4, 10), torch.randn(2, 5, 4, 10)  # D_s = 12, D_t = 20
+    _, _, w1, b1, w2, b2 = make(d_s=13)
+    with pytest.raises(ValueError, match="C\\*F = 3\\*4") as e:
+        pycosdist.lib_cosine_distance_loss(s, t, w1, b1, w2, b2, layout="bcft")
+    assert shapes_in(str(e.value), s.shape, w1.shape)
+
+
+def test_error_rows_mismatch_in_op():
+    s, t, w1, b1, w2, b2 = make()
+    with pytest.raises(RuntimeError, match="same number of rows") as e:
+        ops.lib_cosine_distance_forward(s, t[:7], w1, b1, w2, b2, 1e-8, 0, 1.0, False)
+    assert shapes_in(str(e.value), s.shape, t[:7].shape)
 
 
 def test_error_w2_vs_w1():
