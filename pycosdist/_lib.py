@@ -103,15 +103,15 @@ class _LibCosineDistanceLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        need = ctx.needs_input_grad
+        need = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5)]  # student, w1, b1, w2, b2
         if ctx.reduction == "none":
             student, teacher, w1, b1, w2, b2 = ctx.saved_tensors
-            gs, gw1, gb1, gw2, gb2 = _ops.lib_cosine_distance_backward(grad, student, teacher, w1, b1, w2, b2,
-                                                                       ctx.eps, ctx.chunk_size)
-        else:
-            gs, gw1, gb1, gw2, gb2 = (g * grad for g in ctx.saved_tensors)
-        return (gs if need[0] else None, None, gw1 if need[2] else None, gb1 if need[3] else None,
-                gw2 if need[4] else None, gb2 if need[5] else None, None, None, None, None)
+            grads = _ops.lib_cosine_distance_backward(grad, student, teacher, w1, b1, w2, b2, ctx.eps,
+                                                      ctx.chunk_size)
+            gs, gw1, gb1, gw2, gb2 = (g if n else None for g, n in zip(grads, need))
+        else:  # the forward's gradients of grad_scale * sum(distance), times the upstream scalar
+            gs, gw1, gb1, gw2, gb2 = (g * grad if n else None for g, n in zip(ctx.saved_tensors, need))
+        return gs, None, gw1, gb1, gw2, gb2, None, None, None, None
 
 
 # ---- public API ----
@@ -141,7 +141,10 @@ def lib_cosine_distance_loss(student_latent: Tensor, teacher_latent: Tensor, w1:
     The teacher is a constant: it is detached and gets no gradient.
     chunk_size: rows per chunk (None: automatic, a few MB of intermediates); only the
     (chunk, E) and (chunk, D_t) intermediates ever exist. Half types compute in float32;
-    the result has the input dtype.
+    the result has the input dtype. For 'mean' / 'sum' the gradients are computed in the
+    forward (already divided by N for 'mean') and the backward only scales them by the upstream
+    gradient: with float16 and a large N the student gradient can underflow before a
+    GradScaler's factor reaches it, so prefer bfloat16 (or float32) there.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"pycosdist: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")

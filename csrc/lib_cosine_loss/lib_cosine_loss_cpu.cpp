@@ -164,11 +164,11 @@ void run_chunk(int64_t r0, int64_t c, const Tensor& student, const Tensor& teach
 
 // The chunk loop, parallel over chunks: task k of n_tasks (one per thread) takes chunks k,
 // k + n_tasks, ..., runs their GEMMs single-threaded (inside the parallel region) and
-// accumulates the weight gradients in its own buffers, summed in task order at the end (a fixed
-// schedule: the same thread count gives bitwise the same result). One parallel region per call, not one per GEMM and element-wise
-// pass: on shared cores every region costs a scheduler time slice (measured 8x slower on a
-// loaded 2-core machine), and a single-threaded GEMM on a cache-sized chunk runs each core as
-// fast as one big multithreaded GEMM does.
+// accumulates the weight gradients in its own buffers, summed in task order at the end (a
+// fixed schedule: the same thread count gives bitwise the same result). One parallel region
+// per call rather than one per GEMM and element-wise pass: on shared cores every region costs
+// a scheduler time slice (measured 8x slower on a loaded 2-core machine), and a
+// single-threaded GEMM on a cache-sized chunk keeps a core as busy as a big multithreaded one.
 //   student: (N, D_s), teacher: (N, D_t), contiguous, input dtype
 //   scale:   opmath; row r's upstream gradient is scale[r * scale_stride]
 //   distance: (N,) opmath, or nullptr;  grads: nullptr for distances only
