@@ -22,6 +22,7 @@ DEFAULTS: dict[str, dict] = {
     "data": {
         "segment_seconds": 2.0,  # training crop (rounded to a multiple of the 128-sample hop)
         "valid_speakers": 2,  # training speakers held out for validation
+        "remix": False,  # dynamic remixing augmentation (training.remix); not with kd.teacher_cache
     },
     "train": {
         "epochs": 10,

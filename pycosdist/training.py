@@ -155,6 +155,18 @@ class FrameAlignedCrops(torch.utils.data.Dataset):
         return noisy[off:off + seg], clean[off:off + seg], i, k
 
 
+def remix(noisy: Tensor, clean: Tensor, rng: np.random.Generator, snr_shift_db: float = 5.0,
+          gain_db: float = 6.0) -> tuple[Tensor, Tensor]:
+    """Dynamic remixing (augmentation): each clean crop (B, n) gets the noise (noisy - clean) of
+    another crop of the batch, scaled by a random +-``snr_shift_db``, and the pair a random common
+    gain of +-``gain_db``. New noisy/clean combinations every step out of a small corpus."""
+    b = noisy.shape[0]
+    noise = (noisy - clean)[torch.from_numpy(rng.permutation(b))]
+    shift = torch.from_numpy(10 ** (rng.uniform(-snr_shift_db, snr_shift_db, (b, 1)) / 20)).float()
+    gain = torch.from_numpy(10 ** (rng.uniform(-gain_db, gain_db, (b, 1)) / 20)).float()
+    return gain * (clean + shift * noise), gain * clean
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     order = np.random.default_rng([seed, epoch, 1]).permutation(n)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
@@ -267,6 +279,9 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
     method = kc["method"]
     if method not in distill.METHODS:
         raise ValueError(f"kd.method: expected one of {list(distill.METHODS)}, got {method!r}")
+    if cfg["data"]["remix"] and method != "none" and kc["teacher_cache"]:
+        raise ValueError("data.remix: remixed inputs change every step, so cached teacher latents would not match "
+                         "them; set kd.teacher_cache=false or data.remix=false")
     if method != "none" and not kc["teacher"]:
         raise ValueError(f"kd.teacher: KD method {method!r} needs a teacher checkpoint")
     out_dir = Path(out_dir)
@@ -332,6 +347,8 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
             items = [crops[int(i)] for i in idx]
             noisy = torch.stack([it[0] for it in items])  # (B, segment)
             clean = torch.stack([it[1] for it in items])
+            if cfg["data"]["remix"]:
+                noisy, clean = remix(noisy, clean, np.random.default_rng([tc["seed"], epoch, step, 2]))
             enhanced, latent, spec = model.enhance_with_latent(noisy)
             task = distill.task_loss(spec, enhanced, clean, model.stft, wave_weight)
             loss, kd_value = task, torch.zeros(())

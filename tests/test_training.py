@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +192,25 @@ def test_train_argument_errors(corpus, tmp_path):
         training.train(config.load_config(overrides=TINY + ["kd.method=cosine_lib"]), corpus, tmp_path)
     with pytest.raises(ValueError, match="train.valid_metric"):
         training.train(config.load_config(overrides=TINY + ["train.valid_metric=stoi"]), corpus, tmp_path)
+
+
+def test_remix_permutes_noise_and_scales_within_bounds():
+    clean = torch.arange(1, 5, dtype=torch.float32)[:, None] * torch.ones(4, 50)  # row i: i + 1
+    noise = 0.1 * torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    noisy2, clean2 = training.remix(clean + noise, clean, rng, snr_shift_db=5.0, gain_db=6.0)
+    gain = clean2[:, 0] / clean[:, 0]
+    assert torch.allclose(clean2, gain[:, None] * clean)
+    assert ((gain > 10 ** (-6 / 20) - 1e-6) & (gain < 10 ** (6 / 20) + 1e-6)).all()
+    new_noise = (noisy2 - clean2) / gain[:, None]
+    used = []
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)
+    for row in new_noise:  # a positive multiple of exactly one original noise row
+        j = [k for k in range(4) if torch.allclose(unit(row), unit(noise[k]), atol=1e-3)]
+        assert len(j) == 1
+        assert 10 ** (-5 / 20) - 1e-3 < float(row.norm() / noise[j[0]].norm()) < 10 ** (5 / 20) + 1e-3
+        used += j
+    assert sorted(used) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="data.remix.*teacher_cache"):
+        training.train(config.load_config(overrides=TINY + ["data.remix=true", "kd.method=similarity_preserving",
+                                                            "kd.teacher=x.pt"]), ".", ".")
