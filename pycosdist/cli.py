@@ -1,0 +1,180 @@
+"""Command line: ``pycosdist {data,train-teacher,distill,evaluate,enhance,demo}`` (``-h`` on each)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .audio import AudioError
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".opus")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML configuration file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--data", type=Path, required=True, help="corpus root (VoiceBank+DEMAND layout)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (rerun to resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .distill import METHODS
+
+    parser = argparse.ArgumentParser(prog="pycosdist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="corpus tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="synthesize a noisy-speech corpus (espeak-ng + noises)")
+    s.add_argument("out", type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train-speakers", type=int, default=8)
+    s.add_argument("--test-speakers", type=int, default=2)
+    s.add_argument("--utts", type=int, default=25, help="utterances per training speaker")
+    s.add_argument("--test-utts", type=int, default=15, help="utterances per test speaker")
+    s = dsub.add_parser("prepare", help="make 16 kHz copies of a VoiceBank+DEMAND corpus")
+    s.add_argument("root", type=Path)
+
+    p = sub.add_parser("train-teacher", help="train a model without KD (a teacher, or any preset)")
+    _add_train_args(p)
+
+    p = sub.add_parser("distill", help="train a student with a KD method and a frozen teacher")
+    _add_train_args(p)
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (e.g. RUN/best.pt)")
+    p.add_argument("--student", help="student model preset (default: the config's, else student_quarter)")
+
+    p = sub.add_parser("evaluate", help="PESQ/STOI/SI-SDR of checkpoints (and the noisy input) on a test set")
+    p.add_argument("--checkpoint", type=Path, nargs="+", required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split", choices=("test", "valid"), default="test")
+    p.add_argument("--workers", type=int, default=2, help="scoring processes")
+
+    p = sub.add_parser("enhance", help="denoise audio files (any rate / channels; written as 16 kHz mono)")
+    p.add_argument("inputs", type=Path, nargs="+", help="audio files or folders (searched recursively)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("--checkpoint", type=Path, required=True)
+
+    p = sub.add_parser("demo", help="synthesize, train, distill, evaluate, report (the make demo job)")
+    p.add_argument("--out", type=Path, default=Path("report"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _train_config(args, base: dict | None = None) -> dict:
+    from . import config
+
+    return config.load_config(args.config, args.overrides, base=base)
+
+
+def _collect_audio(inputs: list[Path]) -> list[tuple[Path, Path]]:
+    """[(file, output path relative to OUT)]: a file keeps its name, a folder's files their relative path."""
+    found = []
+    for item in inputs:
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            if not files:
+                raise FileNotFoundError(f"inputs: folder {item} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
+            found += [(f, Path(item.name) / f.relative_to(item).with_suffix(".wav")) for f in files]
+        elif item.is_file():
+            found.append((item, Path(item.stem + ".wav")))
+        else:
+            raise FileNotFoundError(f"inputs: no such file or folder {item}")
+    return found
+
+
+def cmd_enhance(args) -> int:
+    import torch
+
+    from . import audio
+    from .training import load_model, set_threads
+
+    set_threads(0)
+    model, _ = load_model(args.checkpoint)
+    jobs = _collect_audio(args.inputs)
+    for src, rel in jobs:
+        x, sr = audio.read_audio(src)
+        noisy = torch.from_numpy(audio.to_mono_16k(x, sr))
+        with torch.no_grad():
+            y = model(noisy[None])[0].numpy()
+        dst = audio.write_audio(args.out / rel, y, audio.SAMPLE_RATE)
+        print(f"{src} ({x.shape[0]} ch, {sr} Hz) -> {dst}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import data, report
+    from .training import set_threads
+
+    set_threads(0)
+    corpus = data.load_corpus(args.data)
+    dataset = corpus.test if args.split == "test" else corpus.valid
+    labels = {}
+    for path in args.checkpoint:
+        label = path.parent.name + ("" if path.stem == "best" else f"_{path.stem}")
+        while label in labels:
+            label += "_"
+        labels[label] = path
+    rows = report.evaluate_checkpoints(labels, dataset, args.out, workers=args.workers, progress=True)
+    report.write_results(args.out, rows, {"data": str(args.data), "split": args.split,
+                                          "checkpoints": {k: str(v) for k, v in labels.items()}})
+    print(report.text_table(rows))
+    failed = sum(r["n_failed"] for r in rows)
+    if failed:
+        print(f"warning: {failed} file score(s) failed; see {args.out}/*_summary.json", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            if args.data_command == "synth":
+                from .synth import synthesize_corpus
+
+                out = synthesize_corpus(args.out, n_train_speakers=args.train_speakers, n_test_speakers=args.test_speakers,
+                                        utts_per_speaker=args.utts, test_utts_per_speaker=args.test_utts, seed=args.seed)
+                print(f"corpus written to {out}")
+            else:
+                from .data import prepare_16k
+
+                print(f"16 kHz copies under {prepare_16k(args.root)}")
+        elif args.command in ("train-teacher", "distill"):
+            from . import config, training
+
+            if args.command == "distill":
+                base = config.merge(config.DEFAULTS, {"model": {"preset": "student_quarter"}})
+                cfg = _train_config(args, base)
+                updates = {"kd": {"method": args.method, "teacher": str(args.teacher)}}
+                if args.student:
+                    updates["model"] = {"preset": args.student}
+                cfg = config.merge(cfg, updates)
+            else:
+                cfg = _train_config(args)
+                if cfg["kd"]["method"] != "none":
+                    raise ValueError("train-teacher trains without KD; use `pycosdist distill` for kd.method "
+                                     f"{cfg['kd']['method']!r}")
+            result = training.train(cfg, args.data, args.out, progress=not args.no_progress)
+            print(f"best: {result['best']}  ({args.out}/best.pt, {result['params']:,} parameters)")
+        elif args.command == "evaluate":
+            return cmd_evaluate(args)
+        elif args.command == "enhance":
+            return cmd_enhance(args)
+        elif args.command == "demo":
+            from .report import run_demo
+
+            run_demo(args.out, progress=not args.no_progress, workers=args.workers)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, AudioError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"pycosdist {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Knowledge-distillation losses between a student's and a frozen teacher's latents, and the task loss.
+
+Every KD module has the same interface: ``forward(student_latent (B, Cs, Fs, T), teacher_latent
+(B, Ct, Ft, T)) -> scalar``. A frame is the C*F vector of one time step (see
+:func:`pycosdist.reference.frames`); teacher and student have the same T because the models never
+downsample time. Methods (:data:`METHODS`):
+
+- ``none``: no KD (``make_kd_loss`` returns None).
+- ``fitnet_mse``: FitNets-style hint: a linear adapter D_s -> D_t on each student frame, mean squared
+  error against the teacher frame (mean over batch, frames and the D_t features).
+- ``similarity_preserving``: the fine-grained (frame-by-frame) similarity-preserving loss of Nathoo
+  et al. (ICASSP 2024). Per sample, X is the (T, D) matrix of latent frames and G = X X^T (T, T);
+  each ROW of G is L2-normalized (the normalization of Tung & Mori's similarity-preserving KD, which
+  Nathoo et al. build on); the loss is ||G_s - G_t||_F^2 / T^2, averaged over the batch. No
+  parameters: G is T x T for both models, whatever D_s and D_t are. Applied at the bottleneck only,
+  the same place as the cosine loss, so the comparison is like for like.
+- ``cosine_lib``: ours, :class:`pycosdist.nn.CosineLIBDistillationLoss` (linear inverted bottleneck
+  D_s -> e*D_s -> D_t, then mean per-frame cosine distance), layout ``'bcft'``.
+
+The teacher is frozen (:func:`freeze`): eval mode (BatchNorm uses its running statistics),
+``requires_grad=False``, and its latents are computed under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import reference
+from .models import UNetDenoiser, compress
+
+METHODS = ("none", "fitnet_mse", "similarity_preserving", "cosine_lib")
+
+
+def _frame_dim(shape, arg: str) -> int:
+    if len(shape) not in (3, 4):
+        raise ValueError(f"{arg}: expected a latent shape (C, F, T) or (B, C, F, T), got {tuple(shape)}")
+    return int(shape[-3]) * int(shape[-2])
+
+
+def _check_pair(student: Tensor, teacher: Tensor, d_s: int | None = None, d_t: int | None = None) -> None:
+    for x, arg, d in ((student, "student_latent", d_s), (teacher, "teacher_latent", d_t)):
+        if x.dim() != 4:
+            raise ValueError(f"{arg}: expected a (B, C, F, T) latent, got shape {tuple(x.shape)}")
+        if d is not None and x.shape[1] * x.shape[2] != d:
+            raise ValueError(f"{arg}: expected C*F = {d} features per frame, got shape {tuple(x.shape)}")
+    if student.shape[0] != teacher.shape[0] or student.shape[3] != teacher.shape[3]:
+        raise ValueError(f"student_latent {tuple(student.shape)} and teacher_latent {tuple(teacher.shape)}: "
+                         f"expected the same batch size B and frame count T")
+
+
+class FitNetMSELoss(nn.Module):
+    """Linear adapter on student frames + MSE against teacher frames."""
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.adapter = nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, student_latent: Tensor, teacher_latent: Tensor) -> Tensor:
+        _check_pair(student_latent, teacher_latent, self.adapter.in_features, self.adapter.out_features)
+        s = reference.frames(student_latent, "bcft")
+        t = reference.frames(teacher_latent, "bcft").detach()
+        return F.mse_loss(self.adapter(s), t)
+
+
+def frame_gram(latent: Tensor, eps: float = 1e-8) -> Tensor:
+    """(B, C, F, T) latent -> (B, T, T) frame-by-frame Gram matrices with L2-normalized rows."""
+    x = latent.flatten(1, 2).transpose(1, 2)  # (B, T, D)
+    return F.normalize(x @ x.transpose(1, 2), dim=-1, eps=eps)
+
+
+class SimilarityPreservingLoss(nn.Module):
+    """Fine-grained similarity-preserving KD (no parameters); see the module docstring."""
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, student_latent: Tensor, teacher_latent: Tensor) -> Tensor:
+        _check_pair(student_latent, teacher_latent)
+        g_s = frame_gram(student_latent, self.eps)
+        g_t = frame_gram(teacher_latent.detach(), self.eps)
+        t = g_s.shape[-1]
+        return ((g_s - g_t) ** 2).sum((1, 2)).mean() / (t * t)
+
+
+class _ReferenceCosineLIB(nn.Module):
+    """TEMPORARY stand-in (pure PyTorch) until pycosdist.nn.CosineLIBDistillationLoss lands."""
+
+    def __init__(self, student_dim, teacher_dim, expansion=4, bias=True, eps=1e-8, reduction="mean", layout="bcft"):
+        super().__init__()
+        self.w1 = nn.Linear(student_dim, expansion * student_dim, bias=bias)
+        self.w2 = nn.Linear(expansion * student_dim, teacher_dim, bias=bias)
+        self.eps, self.reduction, self.layout = eps, reduction, layout
+
+    def forward(self, s, t):
+        return reference.lib_cosine_distance_loss(s, t, self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias,
+                                                  self.eps, self.reduction, self.layout)
+
+
+def _cosine_lib_module(student_dim, teacher_dim, expansion, bias, eps):
+    from . import nn as pcd_nn
+
+    cls = getattr(pcd_nn, "CosineLIBDistillationLoss", _ReferenceCosineLIB)
+    return cls(student_dim, teacher_dim, expansion=expansion, bias=bias, eps=eps,
+                                            reduction="mean", layout="bcft")
+
+
+def make_kd_loss(method: str, student_latent_shape, teacher_latent_shape, *, expansion: int = 4, bias: bool = True,
+                 eps: float = 1e-8) -> nn.Module | None:
+    """The KD module for ``method`` (see :data:`METHODS`) between latents of the given shapes
+    ((C, F, T) or (B, C, F, T); only C*F matters), or None for ``'none'``. ``expansion``, ``bias``:
+    LIB settings of ``cosine_lib``; ``eps``: norm clamp of the cosine and SP normalizations."""
+    if method not in METHODS:
+        raise ValueError(f"method: unknown KD method {method!r}; expected one of {list(METHODS)}")
+    if method == "none":
+        return None
+    d_s = _frame_dim(student_latent_shape, "student_latent_shape")
+    d_t = _frame_dim(teacher_latent_shape, "teacher_latent_shape")
+    if method == "fitnet_mse":
+        return FitNetMSELoss(d_s, d_t)
+    if method == "similarity_preserving":
+        return SimilarityPreservingLoss(eps)
+    return _cosine_lib_module(d_s, d_t, expansion, bias, eps)
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    """Eval mode and no gradients, in place; returns ``teacher``."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def teacher_latent(teacher: UNetDenoiser, noisy: Tensor) -> Tensor:
+    """The frozen teacher's latent (B, C, F', T) of ``noisy`` (B, n): a constant (no graph)."""
+    if teacher.training:
+        raise RuntimeError("teacher_latent: the teacher must be frozen (call distill.freeze(teacher) first)")
+    return teacher.latent(noisy)
+
+
+def task_loss(enhanced_spec: Tensor, enhanced: Tensor, clean: Tensor, stft, wave_weight: float = 10.0) -> Tensor:
+    """Task (reconstruction) loss of the student against the clean target.
+
+    L1 between compressed magnitudes |Y|^0.3 and |S|^0.3 (enhanced_spec (B, F, T) complex vs the
+    clean STFT), which weighs quiet time-frequency regions like a perceptual loudness curve, plus
+    ``wave_weight`` x the L1 between waveforms (enhanced (B, n) vs clean (B, n)), which sees the
+    overlap-add of the masked frames (what is actually heard) and so keeps the mask STFT-consistent.
+    """
+    mag = F.l1_loss(compress(enhanced_spec.abs()), compress(stft(clean).abs()))
+    return mag + wave_weight * F.l1_loss(enhanced, clean)

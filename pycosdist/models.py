@@ -1,0 +1,237 @@
+"""U-Net denoising autoencoders on the STFT magnitude (teacher and students).
+
+The network sees the compressed magnitude |X|^0.3 of the noisy STFT (16 kHz, 512-point FFT, hop
+128, Hann) as a 1-channel image (B, 1, F=257, T), predicts a sigmoid mask in [0, 1], multiplies it
+into the noisy magnitude, and resynthesizes with the noisy phase. Encoder levels halve FREQUENCY
+only (stride (2, 1)); time is never downsampled, so every model's latent (the bottleneck output,
+(B, C, F', T)) has the same T frames as the input STFT, whatever its width or depth. That is what
+lets a student's frames be aligned one-to-one with the teacher's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+SAMPLE_RATE = 16000
+N_FFT = 512
+HOP = 128
+COMPRESS = 0.3  # magnitude compression exponent: tames the dynamic range of the input and the loss
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a :class:`UNetDenoiser`.
+
+    channels: output channels of each encoder level (one entry per level; each level halves F).
+    kernel_size: (frequency, time) kernel of every convolution.
+    bottleneck_layers: stride-1 convolutions after the last level, with time dilation 1, 2, 4, ...
+      (temporal context without downsampling time); the last one's output is the latent.
+    bottleneck_channels: their width (0: same as the last level).
+    """
+
+    channels: tuple[int, ...] = (16, 32, 48, 64)
+    kernel_size: tuple[int, int] = (5, 3)
+    bottleneck_layers: int = 2
+    bottleneck_channels: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "kernel_size", tuple(int(k) for k in self.kernel_size))
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels: expected a non-empty list of positive ints, got {list(self.channels)}")
+        if len(self.kernel_size) != 2 or any(k < 1 or k % 2 == 0 for k in self.kernel_size):
+            raise ValueError(f"kernel_size: expected two odd positive ints (freq, time), got {list(self.kernel_size)}")
+        if self.bottleneck_layers < 1:
+            raise ValueError(f"bottleneck_layers: expected >= 1, got {self.bottleneck_layers}")
+        if self.bottleneck_channels < 0:
+            raise ValueError(f"bottleneck_channels: expected >= 0, got {self.bottleneck_channels}")
+
+    @property
+    def latent_channels(self) -> int:
+        return self.bottleneck_channels or self.channels[-1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _scaled(channels, divisor):
+    return tuple(max(1, c // divisor) for c in channels)
+
+
+_DEMO = UNetConfig(channels=(16, 32, 48, 64), kernel_size=(5, 3), bottleneck_layers=2)
+_PAPER = UNetConfig(channels=(32, 64, 128, 256, 256), kernel_size=(5, 3), bottleneck_layers=3)
+
+# Named presets. Students are the teacher narrowed (channels / 2, / 4, / 8: same F' as the teacher,
+# smaller C) or made shallower (one level fewer: F' twice the teacher's, C / 4), the mismatch
+# scenarios of the paper. "demo" sizes train in minutes on 2 CPU cores; "paper_" ones are larger.
+PRESETS: dict[str, UNetConfig] = {}
+for _prefix, _base in (("", _DEMO), ("paper_", _PAPER)):
+    PRESETS[_prefix + "teacher"] = _base
+    for _name, _div in (("half", 2), ("quarter", 4), ("eighth", 8)):
+        PRESETS[f"{_prefix}student_{_name}"] = replace(_base, channels=_scaled(_base.channels, _div))
+    PRESETS[_prefix + "student_shallow"] = replace(_base, channels=_scaled(_base.channels[:-1], 4))
+
+
+def preset(name: str, **overrides) -> UNetConfig:
+    """The :data:`PRESETS` entry ``name`` with any :class:`UNetConfig` fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class STFT(nn.Module):
+    """16 kHz STFT front end: (B, n) waveform <-> (B, 257, T) complex spectrogram, T = n // 128 + 1."""
+
+    def __init__(self, n_fft: int = N_FFT, hop: int = HOP):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+
+    def forward(self, wave: Tensor) -> Tensor:
+        # wave: (B, n) -> (B, n_fft // 2 + 1, n // hop + 1) complex
+        return torch.stft(wave, self.n_fft, self.hop, window=self.window, center=True, return_complex=True)
+
+    def inverse(self, spec: Tensor, length: int) -> Tensor:
+        # spec: (B, F, T) complex -> (B, length)
+        return torch.istft(spec, self.n_fft, self.hop, window=self.window, center=True, length=length)
+
+
+def compress(mag: Tensor) -> Tensor:
+    # Clamped so the gradient of x^0.3 stays finite at 0.
+    return mag.clamp_min(1e-8) ** COMPRESS
+
+
+class _ConvBlock(nn.Sequential):
+    def __init__(self, c_in, c_out, kernel, stride=(1, 1), dilation=(1, 1)):
+        pad = tuple(d * (k // 2) for k, d in zip(kernel, dilation))
+        super().__init__(nn.Conv2d(c_in, c_out, kernel, stride, pad, dilation), nn.BatchNorm2d(c_out), nn.ELU())
+
+
+class _UpBlock(nn.Module):
+    """Transposed conv doubling F (to exactly the skip's size), then BN + ELU."""
+
+    def __init__(self, c_in, c_out, kernel):
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(c_in, c_out, kernel, (2, 1), (kernel[0] // 2, kernel[1] // 2))
+        self.post = nn.Sequential(nn.BatchNorm2d(c_out), nn.ELU())
+
+    def forward(self, x: Tensor, size) -> Tensor:
+        return self.post(self.conv(x, output_size=size))
+
+
+class UNetDenoiser(nn.Module):
+    """Mask-based U-Net speech denoiser; see the module docstring.
+
+    ``forward(noisy (B, n)) -> enhanced (B, n)``; :meth:`enhance_with_latent` also returns the latent
+    (B, C, F', T); :meth:`latent` runs the encoder only (what a teacher needs for distillation).
+    """
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = config = config or UNetConfig()
+        self.stft = STFT()
+        k = config.kernel_size
+        chans = (1,) + config.channels
+        self.encoder = nn.ModuleList(_ConvBlock(chans[i], chans[i + 1], k, (2, 1)) for i in range(len(config.channels)))
+        c_lat = config.latent_channels
+        self.bottleneck = nn.Sequential(*(
+            _ConvBlock(chans[-1] if i == 0 else c_lat, c_lat, k, dilation=(1, 2 ** i))
+            for i in range(config.bottleneck_layers)))
+        # Decoder level i takes [upper decoder output, encoder level i output] and restores level i-1's F.
+        ups = []
+        for i in reversed(range(len(config.channels))):
+            c_in = (c_lat if i == len(config.channels) - 1 else chans[i + 1]) + chans[i + 1]
+            ups.append(_UpBlock(c_in, chans[i] if i > 0 else chans[1], k))
+        self.decoder = nn.ModuleList(ups)
+        self.head = nn.Conv2d(chans[1], 1, 1)
+
+    def latent_shape(self, frames: int = 1) -> tuple[int, int, int]:
+        """(C, F', T) of the latent for an input of ``frames`` STFT frames."""
+        f = N_FFT // 2 + 1
+        for _ in self.config.channels:
+            f = (f - 1) // 2 + 1  # conv with pad k//2, stride 2 in frequency
+        return self.config.latent_channels, f, frames
+
+    def _features(self, noisy: Tensor) -> tuple[Tensor, Tensor]:
+        if noisy.dim() != 2:
+            raise ValueError(f"noisy: expected a (batch, samples) waveform, got shape {tuple(noisy.shape)}")
+        if not noisy.is_floating_point():
+            raise ValueError(f"noisy: expected a floating-point waveform, got dtype {noisy.dtype}")
+        spec = self.stft(noisy)  # (B, F, T) complex
+        return spec, compress(spec.abs()).unsqueeze(1)  # (B, 1, F, T)
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        return self.bottleneck(x), skips
+
+    def latent(self, noisy: Tensor) -> Tensor:
+        """Bottleneck output (B, C, F', T) of ``noisy`` (B, n); the decoder is not run."""
+        return self._encode(self._features(noisy)[1])[0]
+
+    def enhance_with_latent(self, noisy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``(enhanced (B, n), latent (B, C, F', T), enhanced_spec (B, F, T) complex)``."""
+        spec, x = self._features(noisy)
+        lat, skips = self._encode(x)
+        y = lat
+        sizes = [x.shape[-2:]] + [s.shape[-2:] for s in skips[:-1]]
+        for up, skip, size in zip(self.decoder, reversed(skips), reversed(sizes)):
+            y = up(torch.cat([y, skip], 1), size)
+        mask = torch.sigmoid(self.head(y)).squeeze(1)  # (B, F, T), bounded in [0, 1]
+        enhanced_spec = mask * spec  # masks the magnitude, keeps the noisy phase
+        return self.stft.inverse(enhanced_spec, noisy.shape[-1]), lat, enhanced_spec
+
+    def forward(self, noisy: Tensor) -> Tensor:
+        return self.enhance_with_latent(noisy)[0]
+
+
+def build_model(config: UNetConfig | dict | str) -> UNetDenoiser:
+    """A model from a :class:`UNetConfig`, its dict form (as stored in checkpoints) or a preset name."""
+    if isinstance(config, str):
+        config = preset(config)
+    elif isinstance(config, dict):
+        config = UNetConfig(**config)
+    return UNetDenoiser(config)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_macs(model: nn.Module, seconds: float = 1.0) -> int:
+    """Multiply-accumulates of one forward pass over ``seconds`` of 16 kHz audio (batch 1).
+
+    Counted with forward hooks on every Conv2d / ConvTranspose2d / Linear, from the shapes they
+    actually see: a conv costs (output positions) x (C_in / groups) x kh x kw per output channel,
+    a transposed conv the same per INPUT position. Everything else (STFT, BatchNorm, activations,
+    the mask product) is elementwise or FFT work and is not counted.
+    """
+    total = 0
+
+    def hook(mod, inputs, output):
+        nonlocal total
+        if isinstance(mod, nn.ConvTranspose2d):
+            x = inputs[0]
+            total += x[0].numel() * (mod.out_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Conv2d):
+            total += output[0].numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            total += output[0].numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, int(round(seconds * SAMPLE_RATE))))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total

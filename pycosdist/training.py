@@ -1,0 +1,401 @@
+"""Training loop for teachers and (distilled) students, with atomic checkpoints and exact resume.
+
+:func:`train` is a pure function of a configuration and two directories (data in, run out), so it
+can later be launched per rank under torchrun. ``out_dir`` receives:
+
+- ``last.pt``: everything needed to continue (model, KD module incl. its LIB, optimizer, scheduler,
+  completed epochs, RNG states, history, best score); ``best.pt``: the same at the epoch with the
+  best validation score. Both are written atomically (temporary file + ``os.replace``), so a crash
+  never leaves a truncated checkpoint. Running the same command again resumes from ``last.pt`` and
+  skips finished epochs; the result is identical to an uninterrupted run.
+- ``history.csv`` / ``history.json``: one row per epoch (losses, validation scores, lr, seconds).
+- ``config.toml``: the full configuration of the run.
+
+Data: training examples are crops of ``data.segment_seconds`` taken at a random offset that is a
+multiple of the STFT hop ("frame-aligned"), drawn from an RNG seeded by (seed, epoch, index), and
+the batch order is a permutation seeded by (seed, epoch): both are reproducible after a resume.
+
+Teacher-latent cache (``kd.teacher_cache``): the frozen teacher's encoder runs ONCE per training
+utterance on the whole utterance (zero-padded to at least one crop) and its latent (C, F', T_utt) is
+kept in memory; a crop starting at frame k uses frames k .. k+T-1 of it. Frame alignment makes
+this exact for the interior frames; the approximation is at the crop's edges: the cached frames
+within the teacher's temporal receptive field of a crop boundary (a few frames) saw the real
+neighbouring audio where a teacher run on the crop alone would see the STFT's reflection padding
+and the convolutions' zero padding. Memory: C*F'*4 bytes per frame (about 4 KiB for the demo
+teacher, 240 MB for the demo corpus). ``teacher_cache = false`` runs the teacher on every batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import config as config_mod
+from . import distill
+from .models import HOP, UNetConfig, UNetDenoiser, build_model, count_parameters, preset
+
+CHECKPOINT_VERSION = 1
+
+
+# --- reproducibility -------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int) -> int:
+    """torch intra-op threads: ``threads`` or, for 0, one per available core. Returns the count."""
+    if threads <= 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+def save_checkpoint(state: dict, path) -> Path:
+    """``torch.save`` to a temporary file next to ``path``, then ``os.replace``: ``path`` is either
+    the old complete file or the new complete file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path}: not a readable pycosdist checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "pycosdist" or "model_config" not in ckpt:
+        raise ValueError(f"checkpoint {path}: not a pycosdist training checkpoint")
+    return ckpt
+
+
+def load_model(path) -> tuple[UNetDenoiser, dict]:
+    """The model stored in checkpoint ``path`` (in eval mode) and the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def model_config(cfg: dict) -> UNetConfig:
+    m = cfg["model"]
+    overrides = {}
+    if m["channels"]:
+        overrides["channels"] = tuple(m["channels"])
+    if m["kernel_size"]:
+        overrides["kernel_size"] = tuple(m["kernel_size"])
+    if m["bottleneck_layers"]:
+        overrides["bottleneck_layers"] = m["bottleneck_layers"]
+    return preset(m["preset"], **overrides)
+
+
+# --- data ------------------------------------------------------------------------------------------
+class FrameAlignedCrops(torch.utils.data.Dataset):
+    """Random crops of ``segment`` samples (a multiple of the hop) of a whole-file paired dataset,
+    starting at a hop multiple. Items: ``(noisy (segment,), clean (segment,), index, first_frame)``.
+    Files shorter than a crop are zero-padded at the end (first_frame 0)."""
+
+    def __init__(self, base, segment_seconds: float, seed: int, hop: int = HOP):
+        if not segment_seconds > 0:
+            raise ValueError(f"segment_seconds: expected > 0, got {segment_seconds!r}")
+        self.base, self.hop, self.seed, self.epoch = base, hop, seed, 0
+        self.segment = max(1, round(segment_seconds * 16000 / hop)) * hop
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        noisy, clean = self.base[i]
+        n, seg = noisy.shape[-1], self.segment
+        if n < seg:
+            pad = lambda x: torch.nn.functional.pad(x, (0, seg - n))
+            return pad(noisy), pad(clean), i, 0
+        k = int(np.random.default_rng([self.seed, self.epoch, i]).integers(0, (n - seg) // self.hop + 1))
+        off = k * self.hop
+        return noisy[off:off + seg], clean[off:off + seg], i, k
+
+
+def remix(noisy: Tensor, clean: Tensor, rng: np.random.Generator, snr_shift_db: float = 5.0,
+          gain_db: float = 6.0) -> tuple[Tensor, Tensor]:
+    """Dynamic remixing (augmentation): each clean crop (B, n) gets the noise (noisy - clean) of
+    another crop of the batch, scaled by a random +-``snr_shift_db``, and the pair a random common
+    gain of +-``gain_db``. New noisy/clean combinations every step out of a small corpus."""
+    b = noisy.shape[0]
+    noise = (noisy - clean)[torch.from_numpy(rng.permutation(b))]
+    shift = torch.from_numpy(10 ** (rng.uniform(-snr_shift_db, snr_shift_db, (b, 1)) / 20)).float()
+    gain = torch.from_numpy(10 ** (rng.uniform(-gain_db, gain_db, (b, 1)) / 20)).float()
+    return gain * (clean + shift * noise), gain * clean
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    order = np.random.default_rng([seed, epoch, 1]).permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+class TeacherLatentCache:
+    """Per-utterance teacher latents, computed once (see the module docstring)."""
+
+    def __init__(self, teacher: UNetDenoiser, crops: FrameAlignedCrops, progress: bool = False):
+        from tqdm import tqdm
+
+        self.latents: list[Tensor] = []
+        for i in tqdm(range(len(crops.base)), desc="teacher latents", unit="utt", disable=not progress, leave=False):
+            noisy = crops.base[i][0]
+            if noisy.shape[-1] < crops.segment:  # the crop of a short file is this same padded signal
+                noisy = torch.nn.functional.pad(noisy, (0, crops.segment - noisy.shape[-1]))
+            self.latents.append(distill.teacher_latent(teacher, noisy[None])[0])  # (C, F', T_utt)
+
+    def get(self, indices, first_frames, frames: int) -> Tensor:
+        """(B, C, F', frames) stacked crops ``latent[i][..., k:k+frames]``."""
+        return torch.stack([self.latents[i][..., k:k + frames] for i, k in zip(indices, first_frames)])
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.latents)
+
+
+# --- the loop --------------------------------------------------------------------------------------
+def _lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        progress = min(1.0, step / max(1, total_steps - 1))
+        return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return factor
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_history(out_dir: Path, history: list[dict]) -> None:
+    _atomic_text(out_dir / "history.json", json.dumps(history, indent=1))
+    if history:
+        keys = list(dict.fromkeys(k for row in history for k in row))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, keys, lineterminator="\n")
+        w.writeheader()
+        w.writerows(history)
+        _atomic_text(out_dir / "history.csv", buf.getvalue())
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    if new is None or not math.isfinite(new):
+        return False
+    return old is None or (new < old if metric == "loss" else new > old)
+
+
+@torch.no_grad()
+def validate(model: UNetDenoiser, dataset, cfg: dict, out_dir: Path, epoch: int) -> dict:
+    """Mean task loss over the whole validation files (batch 1), and with ``valid_metric = "pesq"``
+    also the mean PESQ / STOI / SI-SDR (via :func:`pycosdist.evaluation.evaluate`)."""
+    model.eval()
+    losses = []
+    for i in range(len(dataset)):
+        noisy, clean = dataset[i]
+        enhanced, _, spec = model.enhance_with_latent(noisy[None])
+        losses.append(float(distill.task_loss(spec, enhanced, clean[None], model.stft, cfg["loss"]["wave_weight"])))
+    out = {"valid_loss": float(np.mean(losses)) if losses else float("nan")}
+    if cfg["train"]["valid_metric"] == "pesq":
+        from . import evaluation
+
+        s = evaluation.evaluate(lambda x: model(x[None])[0], dataset, out_dir / "valid", f"epoch{epoch:03d}",
+                                workers=cfg["train"]["eval_workers"])
+        out.update({f"valid_{m}": s[m] for m in ("pesq", "stoi", "si_sdr")})
+    return out
+
+
+def _resume_state(out_dir: Path, cfg: dict) -> dict | None:
+    last = out_dir / "last.pt"
+    if not last.is_file():
+        return None
+    ckpt = load_checkpoint(last)
+    diff = config_mod.differences(ckpt["config"], cfg, ignore=config_mod.RESUMABLE_KEYS)
+    if diff:
+        raise ValueError(f"{out_dir} holds a run with a different configuration ({'; '.join(diff)}); "
+                         f"use another output directory, or the original configuration to resume it")
+    return ckpt
+
+
+def train(cfg: dict, data_dir, out_dir, progress: bool = True,
+          on_epoch_end: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Trains the model of ``cfg`` (a teacher, or a student distilled with ``kd.method``) on the
+    corpus at ``data_dir``; writes to ``out_dir`` (see the module docstring) and resumes from it.
+
+    ``on_epoch_end(row)`` is called after each epoch's checkpoint is written (an exception there
+    stops training like a crash would). Returns ``{"out_dir", "history", "best", "params", ...}``.
+    """
+    from tqdm import tqdm
+
+    from . import data
+
+    cfg = config_mod.check(cfg)
+    tc, kc = cfg["train"], cfg["kd"]
+    if tc["valid_metric"] not in ("loss", "pesq"):
+        raise ValueError(f"train.valid_metric: expected 'loss' or 'pesq', got {tc['valid_metric']!r}")
+    for key in ("epochs", "batch_size"):
+        if tc[key] < 1:
+            raise ValueError(f"train.{key}: expected >= 1, got {tc[key]}")
+    method = kc["method"]
+    if method not in distill.METHODS:
+        raise ValueError(f"kd.method: expected one of {list(distill.METHODS)}, got {method!r}")
+    if cfg["data"]["remix"] and method != "none" and kc["teacher_cache"]:
+        raise ValueError("data.remix: remixed inputs change every step, so cached teacher latents would not match "
+                         "them; set kd.teacher_cache=false or data.remix=false")
+    if method != "none" and not kc["teacher"]:
+        raise ValueError(f"kd.teacher: KD method {method!r} needs a teacher checkpoint")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = set_threads(tc["threads"])
+    seed_everything(tc["seed"])
+
+    corpus = data.load_corpus(data_dir, valid_speakers=cfg["data"]["valid_speakers"], segment_seconds=None,
+                              seed=tc["seed"])
+    if len(corpus.train) == 0 or len(corpus.valid) == 0:
+        raise ValueError(f"data {data_dir}: need training and validation files, got {len(corpus.train)} and "
+                         f"{len(corpus.valid)} (data.valid_speakers = {cfg['data']['valid_speakers']})")
+    crops = FrameAlignedCrops(corpus.train, cfg["data"]["segment_seconds"], tc["seed"])
+    frames = crops.segment // HOP + 1
+
+    model = build_model(model_config(cfg))
+    teacher, kd, cache = None, None, None
+    if method != "none":
+        teacher = distill.freeze(load_model(kc["teacher"])[0])
+        kd = distill.make_kd_loss(method, model.latent_shape(frames), teacher.latent_shape(frames),
+                                  expansion=kc["expansion"], bias=kc["bias"], eps=kc["eps"])
+    params = list(model.parameters()) + (list(kd.parameters()) if kd is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
+    batches_per_epoch = math.ceil(len(crops) / tc["batch_size"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(tc["epochs"] * batches_per_epoch, tc["warmup_steps"], tc["min_lr_ratio"]))
+
+    history, best, start = [], None, 0
+    ckpt = _resume_state(out_dir, cfg)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if kd is not None:
+            kd.load_state_dict(ckpt["kd"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, best, start = ckpt["history"], ckpt["best"], ckpt["epoch"]
+        set_rng_state(ckpt["rng"])
+        if start < tc["epochs"]:
+            log(f"resuming {out_dir} after epoch {start}")
+    _atomic_text(out_dir / "config.toml", config_mod.to_toml(cfg))
+    n_params = count_parameters(model)
+    summary = {"out_dir": str(out_dir), "params": n_params, "threads": threads}
+    if start >= tc["epochs"]:
+        log(f"{out_dir}: all {tc['epochs']} epochs already done")
+        return {**summary, "history": history, "best": best}
+
+    if teacher is not None and kc["teacher_cache"]:
+        t0 = time.perf_counter()
+        cache = TeacherLatentCache(teacher, crops, progress)
+        log(f"teacher latents cached: {len(crops)} utterances, {cache.nbytes() / 2**20:.0f} MiB, "
+            f"{time.perf_counter() - t0:.1f} s")
+
+    wave_weight, lam = cfg["loss"]["wave_weight"], kc["lambda"]
+    for epoch in range(start, tc["epochs"]):
+        t0 = time.perf_counter()
+        model.train()
+        crops.set_epoch(epoch)
+        sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}
+        batches = epoch_batches(len(crops), tc["batch_size"], tc["seed"], epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tc['epochs']}", unit="batch", disable=not progress,
+                   leave=False)
+        for step, idx in enumerate(bar, 1):
+            items = [crops[int(i)] for i in idx]
+            noisy = torch.stack([it[0] for it in items])  # (B, segment)
+            clean = torch.stack([it[1] for it in items])
+            if cfg["data"]["remix"]:
+                noisy, clean = remix(noisy, clean, np.random.default_rng([tc["seed"], epoch, step, 2]))
+            enhanced, latent, spec = model.enhance_with_latent(noisy)
+            task = distill.task_loss(spec, enhanced, clean, model.stft, wave_weight)
+            loss, kd_value = task, torch.zeros(())
+            if kd is not None:
+                if cache is not None:
+                    t_lat = cache.get([it[2] for it in items], [it[3] for it in items], latent.shape[-1])
+                else:
+                    t_lat = distill.teacher_latent(teacher, noisy)
+                kd_value = kd(latent, t_lat)
+                loss = task + lam * kd_value
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch + 1}, step {step}: loss is {float(loss)} "
+                                         f"(task {float(task)}, kd {float(kd_value)}); lower train.lr?")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc["grad_clip"] > 0:
+                nn.utils.clip_grad_norm_(params, tc["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            for k, v in (("loss", loss), ("task", task), ("kd", kd_value)):
+                sums[k] += v.item()
+            bar.set_postfix(loss=f"{sums['loss'] / step:.4f}", task=f"{sums['task'] / step:.4f}",
+                            kd=f"{sums['kd'] / step:.4f}")
+        n = len(batches)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": sums["loss"] / n,
+               "train_task": sums["task"] / n, "train_kd": sums["kd"] / n}
+        row.update(validate(model, corpus.valid, cfg, out_dir, epoch + 1))
+        metric = tc["valid_metric"]
+        score = row["valid_loss" if metric == "loss" else "valid_pesq"]
+        row["best"] = _better(metric, score, None if best is None else best["score"])
+        if row["best"]:
+            best = {"epoch": epoch + 1, "metric": metric, "score": score}
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        history.append(row)
+        state = {
+            "format": "pycosdist", "version": CHECKPOINT_VERSION, "config": cfg,
+            "model_config": model.config.to_dict(), "model": model.state_dict(),
+            "kd": kd.state_dict() if kd is not None else None, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": rng_state(),
+            "history": history, "best": best,
+        }
+        save_checkpoint(state, out_dir / "last.pt")
+        if row["best"]:
+            save_checkpoint(state, out_dir / "best.pt")
+        write_history(out_dir, history)
+        scores = "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_", "valid_")) and v is not None)
+        log(f"epoch {epoch + 1}/{tc['epochs']}  {scores}  ({row['seconds']:.1f} s){'  *best' if row['best'] else ''}")
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+    return {**summary, "history": history, "best": best}

@@ -1,0 +1,100 @@
+"""U-Net denoisers: shapes, frequency-only downsampling, bounded mask, presets, parameter/MAC counts."""
+
+import pytest
+import torch
+from torch import nn
+
+from pycosdist.models import (HOP, N_FFT, PRESETS, UNetConfig, UNetDenoiser, build_model, count_macs,
+                              count_parameters, preset)
+
+TINY = UNetConfig(channels=(4, 6, 8), kernel_size=(3, 3), bottleneck_layers=2)
+
+
+@pytest.mark.parametrize("n", [16000, 12345, 700])
+def test_forward_keeps_length_and_latent_has_all_frames(n):
+    torch.manual_seed(0)
+    model = UNetDenoiser(TINY).eval()
+    x = 0.1 * torch.randn(3, n)
+    y, latent, spec = model.enhance_with_latent(x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    frames = n // HOP + 1
+    f = N_FFT // 2 + 1
+    for _ in TINY.channels:
+        f = (f + 1) // 2  # ceil(f / 2): stride-2 conv with "same" padding
+    assert latent.shape == (3, TINY.channels[-1], f, frames) == (3, *model.latent_shape(frames))
+    assert spec.shape == (3, f_bins := N_FFT // 2 + 1, frames) and f_bins == 257
+    assert torch.equal(model(x), y)
+
+
+def test_downsampling_is_frequency_only():
+    model = UNetDenoiser(TINY)
+    x = torch.randn(2, 4000)
+    frames = 4000 // HOP + 1
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, o.shape)))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    model(x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 * len(TINY.channels) + TINY.bottleneck_layers + 1
+    assert all(shape[-1] == frames for _, shape in seen), "a layer changed the number of frames"
+    strides = [m.stride for m, _ in seen if isinstance(m, nn.Conv2d) and m.stride != (1, 1)]
+    assert strides == [(2, 1)] * len(TINY.channels)
+    freq = [shape[-2] for _, shape in seen]
+    assert freq[:3] == [129, 65, 33] and freq[-1] == 257  # encoder halves F, decoder restores it
+
+
+def test_mask_is_bounded_and_keeps_noisy_phase():
+    torch.manual_seed(1)
+    model = UNetDenoiser(TINY)
+    x = torch.randn(2, 8000)
+    _, _, spec = model.enhance_with_latent(x)
+    noisy = model.stft(x)
+    ratio = spec / noisy  # the mask, a real number in [0, 1] per bin
+    assert ratio.imag.abs().max() < 1e-4
+    assert ratio.real.min() >= 0 and ratio.real.max() <= 1 + 1e-5
+
+
+def test_presets_mismatch_scenarios():
+    t = build_model("teacher")
+    frames = 10
+    ct, ft, _ = t.latent_shape(frames)
+    for name, div in (("student_half", 2), ("student_quarter", 4), ("student_eighth", 8)):
+        c, f, tt = build_model(name).latent_shape(frames)
+        assert (c, f, tt) == (ct // div, ft, frames)
+        assert count_parameters(build_model(name)) < count_parameters(t)
+    c, f, _ = build_model("student_shallow").latent_shape(frames)
+    assert f != ft and len(PRESETS["student_shallow"].channels) == len(PRESETS["teacher"].channels) - 1
+    assert count_parameters(build_model("paper_teacher")) > count_parameters(t)
+    assert preset("teacher", channels=(2, 3)).channels == (2, 3)
+    with pytest.raises(ValueError, match="preset.*'nope'.*teacher"):
+        preset("nope")
+
+
+def test_bad_inputs_are_named():
+    model = UNetDenoiser(TINY)
+    with pytest.raises(ValueError, match=r"noisy: expected a \(batch, samples\).*\(16000,\)"):
+        model(torch.zeros(16000))
+    with pytest.raises(ValueError, match="noisy: expected a floating-point.*int64"):
+        model(torch.zeros(1, 16000, dtype=torch.int64))
+    with pytest.raises(ValueError, match="channels"):
+        UNetConfig(channels=())
+    with pytest.raises(ValueError, match="kernel_size"):
+        UNetConfig(kernel_size=(4, 3))
+
+
+def test_count_parameters_and_macs():
+    model = UNetDenoiser(TINY)
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    # MACs by hand for 1 s: T frames, F halves per level; encoder conv = F_out*T*C_out*C_in*kf*kt,
+    # bottleneck same at F', transposed conv = F_in*T*C_in*C_out*kf*kt, head = 257*T*C1.
+    T, k = 16000 // HOP + 1, 9
+    chans = (1,) + TINY.channels
+    fs = [257, 129, 65, 33]
+    expected = sum(fs[i + 1] * T * chans[i + 1] * chans[i] * k for i in range(3))
+    expected += TINY.bottleneck_layers * fs[3] * T * 8 * 8 * k
+    dec_in = [(8 + 8, fs[3], 6), (6 + 6, fs[2], 4), (4 + 4, fs[1], 4)]  # (C_in, F_in, C_out)
+    expected += sum(f * T * c_in * c_out * k for c_in, f, c_out in dec_in)
+    expected += 257 * T * 4
+    assert count_macs(model, 1.0) == expected
+    assert model.training  # count_macs restores the mode

@@ -1,0 +1,216 @@
+"""Config files and overrides; training steps; exact resume; atomic checkpoints; the teacher cache."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pycosdist import config, distill, training
+from pycosdist.data import load_corpus
+from pycosdist.models import HOP, UNetConfig, UNetDenoiser
+from pycosdist.synth import synthesize_corpus
+
+TINY = ["model.channels=[4, 8]", "model.kernel_size=[3, 3]", "model.bottleneck_layers=1",
+        "data.segment_seconds=0.5", "data.valid_speakers=1", "train.batch_size=2", "train.threads=1",
+        "train.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return synthesize_corpus(tmp_path_factory.mktemp("corpus"), n_train_speakers=3, n_test_speakers=1,
+                             utts_per_speaker=3, test_utts_per_speaker=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = config.load_config(overrides=TINY + ["train.epochs=1", "model.channels=[6, 8]"])
+    training.train(cfg, corpus, out, progress=False, log=lambda *_: None)
+    return out / "best.pt"
+
+
+# --- config -----------------------------------------------------------------------------------------
+def test_override_typing():
+    cfg = config.load_config(overrides=["train.lr=1e-3", "train.epochs=3", "kd.bias=false", "kd.method=cosine_lib",
+                                        "model.channels=[8, 16]", "kd.lambda=2"])
+    assert cfg["train"]["lr"] == 1e-3 and type(cfg["train"]["epochs"]) is int and cfg["train"]["epochs"] == 3
+    assert cfg["kd"]["bias"] is False and cfg["kd"]["method"] == "cosine_lib"
+    assert cfg["model"]["channels"] == [8, 16] and cfg["kd"]["lambda"] == 2.0 and type(cfg["kd"]["lambda"]) is float
+    assert config.DEFAULTS["train"]["epochs"] == 10  # defaults untouched
+    with pytest.raises(ValueError, match=r"train.epochs: expected a int, got '1.5'"):
+        config.load_config(overrides=["train.epochs=1.5"])
+    with pytest.raises(ValueError, match="kd.bias: expected a boolean"):
+        config.load_config(overrides=["kd.bias=maybe"])
+    with pytest.raises(ValueError, match="model.channels: expected a list"):
+        config.load_config(overrides=["model.channels=8"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        config.load_config(overrides=["train.lr"])
+
+
+def test_unknown_keys_are_rejected_with_the_valid_ones(tmp_path):
+    with pytest.raises(KeyError, match=r"unknown config key 'train.lrate'; valid keys: .*train\.lr,"):
+        config.load_config(overrides=["train.lrate=1"])
+    with pytest.raises(KeyError, match="unknown config key 'optim.lr'"):
+        config.load_config(overrides=["optim.lr=1"])
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nlr = 0.01\nepochs = 4\n[kd]\nlambda = 3\n")
+    cfg = config.load_config(f, ["train.epochs=5"])
+    assert (cfg["train"]["lr"], cfg["train"]["epochs"], cfg["kd"]["lambda"]) == (0.01, 5, 3.0)
+    f.write_text("[train]\nbatchsize = 4\n")
+    with pytest.raises(KeyError, match="'train.batchsize'.*train.batch_size"):
+        config.load_config(f)
+    f.write_text("[train]\nlr = 'fast'\n")
+    with pytest.raises(ValueError, match="train.lr: expected a float"):
+        config.load_config(f)
+    # to_toml round-trips
+    f.write_text(config.to_toml(cfg))
+    assert config.load_config(f) == cfg
+
+
+# --- steps ------------------------------------------------------------------------------------------
+def test_training_steps_reduce_task_and_kd_loss():
+    torch.manual_seed(0)
+    model = UNetDenoiser(UNetConfig(channels=(4, 8), kernel_size=(3, 3), bottleneck_layers=1))
+    teacher = distill.freeze(UNetDenoiser(UNetConfig(channels=(6, 10), kernel_size=(3, 3), bottleneck_layers=1)))
+    clean = 0.1 * torch.sin(torch.arange(4000) * 0.05).repeat(4, 1)
+    noisy = clean + 0.05 * torch.randn(4, 4000)
+    t_lat = distill.teacher_latent(teacher, noisy)
+    kd = distill.make_kd_loss("cosine_lib", model.latent_shape(), teacher.latent_shape())
+    opt = torch.optim.Adam(list(model.parameters()) + list(kd.parameters()), lr=3e-3)
+
+    def losses():
+        enhanced, latent, spec = model.enhance_with_latent(noisy)
+        return distill.task_loss(spec, enhanced, clean, model.stft), kd(latent, t_lat)
+
+    task0, kd0 = (v.item() for v in losses())
+    for _ in range(15):
+        task, kdv = losses()
+        opt.zero_grad()
+        (task + kdv).backward()
+        opt.step()
+    task1, kd1 = (v.item() for v in losses())
+    assert task1 < 0.9 * task0 and kd1 < 0.9 * kd0
+
+
+# --- resume -----------------------------------------------------------------------------------------
+class Interrupt(Exception):
+    pass
+
+
+def _stop_after(n):
+    def hook(row):
+        if row["epoch"] == n:
+            raise Interrupt
+
+    return hook
+
+
+def _strip(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_resume_equals_uninterrupted_run(corpus, teacher_ckpt, tmp_path):
+    cfg = config.load_config(overrides=TINY + ["train.epochs=2", "kd.method=cosine_lib", f"kd.teacher={teacher_ckpt}"])
+    quiet = lambda *_: None
+    full = training.train(cfg, corpus, tmp_path / "full", progress=False, log=quiet)
+    with pytest.raises(Interrupt):
+        training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet, on_epoch_end=_stop_after(1))
+    assert training.load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
+    resumed = training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet)
+    a, b = (training.load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "split"))
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("model", "kd"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert a["kd"] and any(v.dim() == 2 for v in a["kd"].values())  # the LIB weights are checkpointed
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["scheduler"] == b["scheduler"]
+    assert _strip(full["history"]) == _strip(resumed["history"])
+    # history files
+    rows = json.loads((tmp_path / "split" / "history.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2] and {"train_loss", "train_task", "train_kd", "valid_loss"} <= rows[0].keys()
+    assert (tmp_path / "split" / "history.csv").read_text().splitlines()[0].startswith("epoch,lr,train_loss")
+    # a finished run is not retrained; a different config is refused
+    again = training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet)
+    assert _strip(again["history"]) == _strip(full["history"])
+    with pytest.raises(ValueError, match=r"different configuration \(train.lr: 0.002 -> 0.001\)"):
+        training.train(config.set_value(cfg, "train.lr=1e-3"), corpus, tmp_path / "split", progress=False, log=quiet)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    training.save_checkpoint({"format": "pycosdist", "model_config": {}, "n": 1}, path)
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        training.save_checkpoint({"format": "pycosdist", "model_config": {}, "n": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert training.load_checkpoint(path)["n"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary left behind
+    with pytest.raises(FileNotFoundError, match="checkpoint: no such file"):
+        training.load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable pycosdist checkpoint"):
+        training.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_teacher_cache_crops_match_teacher_on_the_crop(corpus, teacher_ckpt):
+    teacher = distill.freeze(training.load_model(teacher_ckpt)[0])
+    base = load_corpus(corpus, valid_speakers=1, segment_seconds=None).train
+    crops = training.FrameAlignedCrops(base, 0.5, seed=0)
+    assert crops.segment % HOP == 0
+    cache = training.TeacherLatentCache(teacher, crops)
+    frames = crops.segment // HOP + 1
+    edge = 6  # receptive field (kernel 3 in time: 2 encoder + 1 bottleneck layers) + STFT edge frames
+    checked = 0
+    for epoch in range(3):
+        crops.set_epoch(epoch)
+        for i in range(len(crops)):
+            noisy, clean, idx, k = crops[i]
+            assert noisy.shape == clean.shape == (crops.segment,) and idx == i
+            assert torch.equal(noisy, base[i][0][k * HOP:k * HOP + crops.segment])
+            direct = distill.teacher_latent(teacher, noisy[None])
+            cached = cache.get([i], [k], frames)
+            assert cached.shape == direct.shape
+            torch.testing.assert_close(cached[..., edge:-edge], direct[..., edge:-edge], rtol=1e-4, atol=1e-5)
+            checked += k > 0
+    assert checked > 0  # some crops did not start at 0
+
+
+def test_train_argument_errors(corpus, tmp_path):
+    with pytest.raises(ValueError, match="kd.teacher: KD method 'cosine_lib' needs a teacher"):
+        training.train(config.load_config(overrides=TINY + ["kd.method=cosine_lib"]), corpus, tmp_path)
+    with pytest.raises(ValueError, match="train.valid_metric"):
+        training.train(config.load_config(overrides=TINY + ["train.valid_metric=stoi"]), corpus, tmp_path)
+
+
+def test_remix_permutes_noise_and_scales_within_bounds():
+    clean = torch.arange(1, 5, dtype=torch.float32)[:, None] * torch.ones(4, 50)  # row i: i + 1
+    noise = 0.1 * torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    noisy2, clean2 = training.remix(clean + noise, clean, rng, snr_shift_db=5.0, gain_db=6.0)
+    gain = clean2[:, 0] / clean[:, 0]
+    assert torch.allclose(clean2, gain[:, None] * clean)
+    assert ((gain > 10 ** (-6 / 20) - 1e-6) & (gain < 10 ** (6 / 20) + 1e-6)).all()
+    new_noise = (noisy2 - clean2) / gain[:, None]
+    used = []
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)
+    for row in new_noise:  # a positive multiple of exactly one original noise row
+        j = [k for k in range(4) if torch.allclose(unit(row), unit(noise[k]), atol=1e-3)]
+        assert len(j) == 1
+        assert 10 ** (-5 / 20) - 1e-3 < float(row.norm() / noise[j[0]].norm()) < 10 ** (5 / 20) + 1e-3
+        used += j
+    assert sorted(used) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="data.remix.*teacher_cache"):
+        training.train(config.load_config(overrides=TINY + ["data.remix=true", "kd.method=similarity_preserving",
+                                                            "kd.teacher=x.pt"]), ".", ".")
