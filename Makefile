@@ -27,8 +27,10 @@ demo: build
 test: build
 	$(VENV)/bin/pytest -q tests
 
+# CPU benchmarks (our ops vs eager and torch.compile of the reference); CSVs in bench/results/.
 bench: build
-	$(VPY) bench/run_benchmarks.py
+	$(VPY) bench/bench_cosine_distance.py
+	$(VPY) bench/bench_lib.py
 
 # In-place developer build: pycosdist/_C*.so next to the sources; use with PYTHONPATH=.
 dev: $(DEPS)

@@ -1,6 +1,7 @@
 // The one place where every pycosdist op's schema is defined. Backends register
 // implementations with TORCH_LIBRARY_IMPL in each op's folder (<op>/<op>_cpu.cpp,
-// <op>/<op>_cuda.cpp); fake (meta) kernels and autograd live in pycosdist/functional.py.
+// <op>/<op>_cuda.cpp); fake (meta) kernels and autograd live in pycosdist/_cosine_distance.py
+// and pycosdist/_lib.py (re-exported by pycosdist/functional.py).
 //
 // Conventions: "rows" are all leading dims of a (..., D) tensor; half types accumulate
 // in float32 ("opmath"); a gradient that was not asked for comes back as an empty tensor.

@@ -13,27 +13,12 @@
 
 #include "common/cuda_torch.h"
 #include "lib_cosine_loss/lib_cosine_loss_kernels.cuh"
-#include "lib_projection/lib_projection_cuda_checks.h"
+#include "lib_cosine_loss/lib_cosine_loss_checks.h"
 
 namespace pycosdist {
 namespace {
 
 using Opt = std::optional<at::Tensor>;
-
-//   student: (N, D_s); teacher: (N, D_t), same dtype and device; weights as lib_projection's.
-lib_projection::Dims check_inputs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w1,
-                                  const Opt& b1, const at::Tensor& w2, const Opt& b2, double eps) {
-  check_dim(student, "student", 2, "(N, D_s)");
-  const auto d = lib_projection::check_weights(student, "student", w1, b1, w2, b2);
-  check_dim(teacher, "teacher", 2, "(N, D_t)");
-  check_same_dtype(student, "student", teacher, "teacher");
-  check_same_device(student, "student", teacher, "teacher");
-  TORCH_CHECK(teacher.size(0) == student.size(0) && teacher.size(1) == d.d_t, "pycosdist: `teacher` must have shape [",
-              student.size(0), ", ", d.d_t, "] (the rows of `student`, shape ", student.sizes(), ", and the rows of `w2`, shape ",
-              w2.sizes(), "), got ", teacher.sizes());
-  TORCH_CHECK(eps >= 0, "pycosdist: `eps` must be >= 0, got ", eps);
-  return d;
-}
 
 // Rows per chunk. Automatic: about 8M elements in the two buffers (32 MB in float32): GEMMs
 // big enough to run at speed, and p stays in L2 (40-50 MB on A100 / H100) between the
@@ -127,7 +112,7 @@ at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lib_cosine_distance_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w1, const Opt& b1, const at::Tensor& w2,
     const Opt& b2, double eps, int64_t chunk_size, double grad_scale, bool compute_grad) {
-  const auto d = check_inputs(student, teacher, w1, b1, w2, b2, eps);
+  const auto d = lib_cosine_loss::check_inputs(student, teacher, w1, b1, w2, b2, eps);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor distance = at::empty({student.size(0)}, student.options().dtype(at::toOpMathType(student.scalar_type())));
   const Grads g = run_chunks(student, teacher, w1, b1, w2, b2, d, eps, chunk_size, distance, at::Tensor(), grad_scale,
@@ -140,13 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lib_cosine_distance_backward_cuda(
     const at::Tensor& grad_distance, const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w1,
     const Opt& b1, const at::Tensor& w2, const Opt& b2, double eps, int64_t chunk_size) {
-  const auto d = check_inputs(student, teacher, w1, b1, w2, b2, eps);
-  //   grad_distance: (N), any strides (an expanded scalar is read in place)
-  check_floating(grad_distance, "grad_distance");
-  check_same_device(student, "student", grad_distance, "grad_distance");
-  TORCH_CHECK(grad_distance.dim() == 1 && grad_distance.size(0) == student.size(0),
-              "pycosdist: `grad_distance` must have shape [", student.size(0), "] (the rows of `student`), got ",
-              grad_distance.sizes());
+  const auto d = lib_cosine_loss::check_inputs(student, teacher, w1, b1, w2, b2, eps);
+  lib_cosine_loss::check_grad_distance(grad_distance, student);  // (N), any strides: an expanded scalar is read in place
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor grad_rows = grad_distance.to(at::toOpMathType(student.scalar_type()));
   const Grads g = run_chunks(student, teacher, w1, b1, w2, b2, d, eps, chunk_size, at::Tensor(), grad_rows, 1.0, true);

@@ -6,7 +6,7 @@
 #include <tuple>
 
 #include "common/cuda_torch.h"
-#include "lib_projection/lib_projection_cuda_checks.h"
+#include "lib_projection/lib_projection_checks.h"
 
 namespace pycosdist {
 namespace {
