@@ -88,3 +88,15 @@ def test_shipped_configs_load_and_match_the_demo_recipe():
         config.load_config(path)  # every key known and typed
     assert config.load_config(ROOT / "configs" / "teacher_demo.toml") == report.demo_config("teacher")
     assert config.load_config(ROOT / "configs" / "student_demo.toml") == report.demo_config("student")
+
+
+def test_paired_gain_matches_numpy_and_skips_failed_files(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(1, 4, 12), rng.uniform(1, 4, 12)
+    for label, vals in (("student none", a), ("student cosine_lib", b)):
+        lines = ["name,pesq,stoi,si_sdr,error"] + [f"f{i},{v},0.9,10.0," for i, v in enumerate(vals)]
+        lines.append("bad,,,,NoUtterancesError")  # a failed file counts for neither
+        (tmp_path / f"{label.replace(' ', '_')}_per_file.csv").write_text("\n".join(lines) + "\n")
+    mean, se, n = report.paired_gain(tmp_path, "student none", "student cosine_lib")
+    d = b - a
+    assert n == 12 and np.isclose(mean, d.mean()) and np.isclose(se, d.std(ddof=1) / np.sqrt(12))
