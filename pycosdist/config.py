@@ -18,6 +18,7 @@ DEFAULTS: dict[str, dict] = {
         "channels": [],  # per-level channels; [] = the preset's
         "kernel_size": [],  # [freq, time]; [] = the preset's
         "bottleneck_layers": 0,  # 0 = the preset's
+        "norm": "",  # "batch" | "group"; "" = the preset's (batch). "group" for exact CPU DDP (see models)
     },
     "data": {
         "segment_seconds": 2.0,  # training crop (rounded to a multiple of the 128-sample hop)
@@ -152,8 +153,11 @@ def check(cfg: dict) -> dict:
 
 def differences(a: dict, b: dict, ignore=()) -> list[str]:
     """``key: a -> b`` for every key whose value differs (keys in ``ignore`` skipped)."""
-    return [f"{k}: {a[s][n]!r} -> {b[s][n]!r}" for k in valid_keys() if k not in ignore
-            for s, n in [k.split(".", 1)] if a[s][n] != b[s][n]]
+    def get(cfg, s, n):  # a key added after a run was written has its default there
+        return cfg.get(s, {}).get(n, DEFAULTS[s][n])
+
+    return [f"{k}: {get(a, s, n)!r} -> {get(b, s, n)!r}" for k in valid_keys() if k not in ignore
+            for s, n in [k.split(".", 1)] if get(a, s, n) != get(b, s, n)]
 
 
 def to_toml(cfg: dict) -> str:

@@ -21,6 +21,10 @@ HOP = 128
 COMPRESS = 0.3  # magnitude compression exponent: tames the dynamic range of the input and the loss
 
 
+# Normalization layers by name (UNetConfig.norm).
+NORMS = {"batch": nn.BatchNorm2d, "group": lambda c: nn.GroupNorm(1, c)}
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Architecture of a :class:`UNetDenoiser`.
@@ -30,12 +34,16 @@ class UNetConfig:
     bottleneck_layers: stride-1 convolutions after the last level, with time dilation 1, 2, 4, ...
       (temporal context without downsampling time); the last one's output is the latent.
     bottleneck_channels: their width (0: same as the last level).
+    norm: "batch" (BatchNorm2d) or "group" (GroupNorm with one group: per-example statistics, so a
+      run split over DistributedDataParallel ranks on CPU, where SyncBatchNorm is unavailable, is
+      exactly the single-process run with the combined batch).
     """
 
     channels: tuple[int, ...] = (16, 32, 48, 64)
     kernel_size: tuple[int, int] = (5, 3)
     bottleneck_layers: int = 2
     bottleneck_channels: int = 0
+    norm: str = "batch"
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -46,6 +54,8 @@ class UNetConfig:
             raise ValueError(f"kernel_size: expected two odd positive ints (freq, time), got {list(self.kernel_size)}")
         if self.bottleneck_layers < 1:
             raise ValueError(f"bottleneck_layers: expected >= 1, got {self.bottleneck_layers}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm: expected one of {list(NORMS)}, got {self.norm!r}")
         if self.bottleneck_channels < 0:
             raise ValueError(f"bottleneck_channels: expected >= 0, got {self.bottleneck_channels}")
 
@@ -105,18 +115,18 @@ def compress(mag: Tensor) -> Tensor:
 
 
 class _ConvBlock(nn.Sequential):
-    def __init__(self, c_in, c_out, kernel, stride=(1, 1), dilation=(1, 1)):
+    def __init__(self, c_in, c_out, kernel, stride=(1, 1), dilation=(1, 1), norm="batch"):
         pad = tuple(d * (k // 2) for k, d in zip(kernel, dilation))
-        super().__init__(nn.Conv2d(c_in, c_out, kernel, stride, pad, dilation), nn.BatchNorm2d(c_out), nn.ELU())
+        super().__init__(nn.Conv2d(c_in, c_out, kernel, stride, pad, dilation), NORMS[norm](c_out), nn.ELU())
 
 
 class _UpBlock(nn.Module):
     """Transposed conv doubling F (to exactly the skip's size), then BN + ELU."""
 
-    def __init__(self, c_in, c_out, kernel):
+    def __init__(self, c_in, c_out, kernel, norm="batch"):
         super().__init__()
         self.conv = nn.ConvTranspose2d(c_in, c_out, kernel, (2, 1), (kernel[0] // 2, kernel[1] // 2))
-        self.post = nn.Sequential(nn.BatchNorm2d(c_out), nn.ELU())
+        self.post = nn.Sequential(NORMS[norm](c_out), nn.ELU())
 
     def forward(self, x: Tensor, size) -> Tensor:
         return self.post(self.conv(x, output_size=size))
@@ -135,16 +145,17 @@ class UNetDenoiser(nn.Module):
         self.stft = STFT()
         k = config.kernel_size
         chans = (1,) + config.channels
-        self.encoder = nn.ModuleList(_ConvBlock(chans[i], chans[i + 1], k, (2, 1)) for i in range(len(config.channels)))
+        self.encoder = nn.ModuleList(_ConvBlock(chans[i], chans[i + 1], k, (2, 1), norm=config.norm)
+                                     for i in range(len(config.channels)))
         c_lat = config.latent_channels
         self.bottleneck = nn.Sequential(*(
-            _ConvBlock(chans[-1] if i == 0 else c_lat, c_lat, k, dilation=(1, 2 ** i))
+            _ConvBlock(chans[-1] if i == 0 else c_lat, c_lat, k, dilation=(1, 2 ** i), norm=config.norm)
             for i in range(config.bottleneck_layers)))
         # Decoder level i takes [upper decoder output, encoder level i output] and restores level i-1's F.
         ups = []
         for i in reversed(range(len(config.channels))):
             c_in = (c_lat if i == len(config.channels) - 1 else chans[i + 1]) + chans[i + 1]
-            ups.append(_UpBlock(c_in, chans[i] if i > 0 else chans[1], k))
+            ups.append(_UpBlock(c_in, chans[i] if i > 0 else chans[1], k, norm=config.norm))
         self.decoder = nn.ModuleList(ups)
         self.head = nn.Conv2d(chans[1], 1, 1)
 

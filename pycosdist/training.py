@@ -15,6 +15,15 @@ Data: training examples are crops of ``data.segment_seconds`` taken at a random 
 multiple of the STFT hop ("frame-aligned"), drawn from an RNG seeded by (seed, epoch, index), and
 the batch order is a permutation seeded by (seed, epoch): both are reproducible after a resume.
 
+Distributed: under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) :func:`train` joins a gloo
+process group and wraps model AND KD module (the LIB of ``cosine_lib``, the FitNets adapter) in one
+DistributedDataParallel, so their gradients are averaged together. ``train.batch_size`` stays the
+global batch: rank r takes items r, r+N, ... of every global batch, and its loss is weighted by its
+share, so the averaged gradient is the single-process gradient of the combined batch. Rank 0 alone
+validates, logs and writes checkpoints; the others wait at a barrier. BatchNorm statistics are per
+rank (SyncBatchNorm needs a GPU); ``model.norm = "group"`` makes a CPU DDP run exactly the
+single-process run. The loop runs on CPU.
+
 Teacher-latent cache (``kd.teacher_cache``): the frozen teacher's encoder runs ONCE per training
 utterance on the whole utterance (zero-padded to at least one crop) and its latent (C, F', T_utt) is
 kept in memory; a crop starting at frame k uses frames k .. k+T-1 of it. Frame alignment makes
@@ -77,6 +86,46 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
+# --- distributed -----------------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): (0, 1) in a plain process; under torchrun (``WORLD_SIZE`` > 1) joins the
+    gloo process group first if it is not joined yet."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    dist.init_process_group("gloo")  # the loop runs on CPU
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _all_sum(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+class _Step(nn.Module):
+    """Student forward + KD loss in one module, so that DDP sees (and synchronizes) both."""
+
+    def __init__(self, model: UNetDenoiser, kd: nn.Module | None):
+        super().__init__()
+        self.model, self.kd = model, kd
+
+    def forward(self, noisy: Tensor, teacher_latent: Tensor | None):
+        enhanced, latent, spec = self.model.enhance_with_latent(noisy)
+        kd_value = self.kd(latent, teacher_latent) if self.kd is not None else torch.zeros(())
+        return enhanced, spec, kd_value
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 def save_checkpoint(state: dict, path) -> Path:
     """``torch.save`` to a temporary file next to ``path``, then ``os.replace``: ``path`` is either
@@ -123,6 +172,8 @@ def model_config(cfg: dict) -> UNetConfig:
         overrides["kernel_size"] = tuple(m["kernel_size"])
     if m["bottleneck_layers"]:
         overrides["bottleneck_layers"] = m["bottleneck_layers"]
+    if m["norm"]:
+        overrides["norm"] = m["norm"]
     return preset(m["preset"], **overrides)
 
 
@@ -284,6 +335,12 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
                          "them; set kd.teacher_cache=false or data.remix=false")
     if method != "none" and not kc["teacher"]:
         raise ValueError(f"kd.teacher: KD method {method!r} needs a teacher checkpoint")
+    rank, world = init_distributed()
+    if tc["batch_size"] % world:
+        raise ValueError(f"train.batch_size: the global batch ({tc['batch_size']}) must be divisible by the "
+                         f"number of processes ({world})")
+    if rank != 0:  # rank 0 alone talks and writes
+        progress, log = False, (lambda *_: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = set_threads(tc["threads"])
@@ -303,7 +360,8 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
         teacher = distill.freeze(load_model(kc["teacher"])[0])
         kd = distill.make_kd_loss(method, model.latent_shape(frames), teacher.latent_shape(frames),
                                   expansion=kc["expansion"], bias=kc["bias"], eps=kc["eps"])
-    params = list(model.parameters()) + (list(kd.parameters()) if kd is not None else [])
+    step_module = _Step(model, kd)
+    params = list(step_module.parameters())
     optimizer = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
     batches_per_epoch = math.ceil(len(crops) / tc["batch_size"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -321,7 +379,10 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
         set_rng_state(ckpt["rng"])
         if start < tc["epochs"]:
             log(f"resuming {out_dir} after epoch {start}")
-    _atomic_text(out_dir / "config.toml", config_mod.to_toml(cfg))
+    if rank == 0:
+        _atomic_text(out_dir / "config.toml", config_mod.to_toml(cfg))
+    if world > 1:  # after a resume: every rank holds the same state; DDP broadcasts rank 0's parameters
+        step_module = nn.parallel.DistributedDataParallel(step_module)
     n_params = count_parameters(model)
     summary = {"out_dir": str(out_dir), "params": n_params, "threads": threads}
     if start >= tc["epochs"]:
@@ -340,42 +401,46 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
         model.train()
         crops.set_epoch(epoch)
         sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}
-        batches = epoch_batches(len(crops), tc["batch_size"], tc["seed"], epoch)
+        # Global batches; this rank's share of each (a global batch smaller than the world is dropped).
+        batches = [b for b in epoch_batches(len(crops), tc["batch_size"], tc["seed"], epoch) if len(b) >= world]
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tc['epochs']}", unit="batch", disable=not progress,
                    leave=False)
-        for step, idx in enumerate(bar, 1):
+        for step, global_idx in enumerate(bar, 1):
+            idx = global_idx[rank::world]
+            share = len(idx) * world / len(global_idx)  # weights the local mean so DDP's average is the global mean
             items = [crops[int(i)] for i in idx]
             noisy = torch.stack([it[0] for it in items])  # (B, segment)
             clean = torch.stack([it[1] for it in items])
             if cfg["data"]["remix"]:
                 noisy, clean = remix(noisy, clean, np.random.default_rng([tc["seed"], epoch, step, 2]))
-            enhanced, latent, spec = model.enhance_with_latent(noisy)
-            task = distill.task_loss(spec, enhanced, clean, model.stft, wave_weight)
-            loss, kd_value = task, torch.zeros(())
+            t_lat = None
             if kd is not None:
-                if cache is not None:
-                    t_lat = cache.get([it[2] for it in items], [it[3] for it in items], latent.shape[-1])
-                else:
-                    t_lat = distill.teacher_latent(teacher, noisy)
-                kd_value = kd(latent, t_lat)
-                loss = task + lam * kd_value
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}, step {step}: loss is {float(loss)} "
-                                         f"(task {float(task)}, kd {float(kd_value)}); lower train.lr?")
+                t_lat = (cache.get([it[2] for it in items], [it[3] for it in items], frames) if cache is not None
+                         else distill.teacher_latent(teacher, noisy))
+            enhanced, spec, kd_value = step_module(noisy, t_lat)
+            task = distill.task_loss(spec, enhanced, clean, model.stft, wave_weight)
+            loss = task + lam * kd_value if kd is not None else task
+            if _all_sum([0.0 if torch.isfinite(loss) else 1.0], world)[0]:  # every rank stops together
+                raise FloatingPointError(f"epoch {epoch + 1}, step {step}: loss is not finite on some rank (here "
+                                         f"{float(loss)}: task {float(task)}, kd {float(kd_value)}); lower train.lr?")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()
             if tc["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(params, tc["grad_clip"])
             optimizer.step()
             scheduler.step()
             for k, v in (("loss", loss), ("task", task), ("kd", kd_value)):
-                sums[k] += v.item()
+                sums[k] += v.item() * share / world  # summed over ranks below: the global batch mean
             bar.set_postfix(loss=f"{sums['loss'] / step:.4f}", task=f"{sums['task'] / step:.4f}",
                             kd=f"{sums['kd'] / step:.4f}")
         n = len(batches)
+        sums = dict(zip(sums, _all_sum(list(sums.values()), world)))
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": sums["loss"] / n,
                "train_task": sums["task"] / n, "train_kd": sums["kd"] / n}
-        row.update(validate(model, corpus.valid, cfg, out_dir, epoch + 1))
+        scores = [validate(model, corpus.valid, cfg, out_dir, epoch + 1) if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(scores, src=0)
+        row.update(scores[0])
         metric = tc["valid_metric"]
         score = row["valid_loss" if metric == "loss" else "valid_pesq"]
         row["best"] = _better(metric, score, None if best is None else best["score"])
@@ -390,10 +455,12 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": rng_state(),
             "history": history, "best": best,
         }
-        save_checkpoint(state, out_dir / "last.pt")
-        if row["best"]:
-            save_checkpoint(state, out_dir / "best.pt")
-        write_history(out_dir, history)
+        if rank == 0:
+            save_checkpoint(state, out_dir / "last.pt")
+            if row["best"]:
+                save_checkpoint(state, out_dir / "best.pt")
+            write_history(out_dir, history)
+        _barrier(world)  # a resume of any rank finds this epoch's checkpoint
         scores = "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_", "valid_")) and v is not None)
         log(f"epoch {epoch + 1}/{tc['epochs']}  {scores}  ({row['seconds']:.1f} s){'  *best' if row['best'] else ''}")
         if on_epoch_end is not None:
