@@ -1,4 +1,4 @@
-"""Command line: ``pycosdist {data,train-teacher,distill,evaluate,enhance,demo}`` (``-h`` on each)."""
+"""Command line: ``pycosdist {data,train-teacher,distill,evaluate,enhance,demo,experiment}`` (``-h`` on each)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", type=Path, nargs="+", help="audio files or folders (searched recursively)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", type=Path, required=True)
+
+    p = sub.add_parser("experiment", help="repeated runs over mismatch scenarios and KD methods: mean ± std table")
+    p.add_argument("config", type=Path, nargs="?", help="experiment TOML (see configs/experiment.toml)")
+    p.add_argument("--small", action="store_true", help="the small preset (about 45 min on 2 CPU cores)")
+    p.add_argument("--out", type=Path, default=Path("experiment"), help="output folder (rerun to resume)")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("demo", help="synthesize, train, distill, evaluate, report (the make demo job)")
     p.add_argument("--out", type=Path, default=Path("report"))
@@ -165,6 +171,11 @@ def main(argv=None) -> int:
             return cmd_evaluate(args)
         elif args.command == "enhance":
             return cmd_enhance(args)
+        elif args.command == "experiment":
+            from . import experiment
+
+            experiment.run_experiment(experiment.load_config(args.config, small=args.small), args.out,
+                                      progress=not args.no_progress)
         elif args.command == "demo":
             from .report import run_demo
 
