@@ -102,4 +102,4 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text("[lambda]\ncosine = 1.0\n")
     with pytest.raises(KeyError, match="lambda.cosine"):
         experiment.load_config(bad)
-    assert experiment.load_config(small=True)["student"]["train"]["epochs"] == 4
+    assert experiment.load_config(small=True)["student"]["train"]["epochs"] == 6
