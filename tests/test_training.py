@@ -214,3 +214,54 @@ def test_remix_permutes_noise_and_scales_within_bounds():
     with pytest.raises(ValueError, match="data.remix.*teacher_cache"):
         training.train(config.load_config(overrides=TINY + ["data.remix=true", "kd.method=similarity_preserving",
                                                             "kd.teacher=x.pt"]), ".", ".")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    cfg = config.load_config(overrides=TINY + ["train.epochs=3"])
+    quiet = lambda *_: None
+    real = distill.task_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):  # NaN at the second training step of epoch 2
+        calls.extend([1] if torch.is_grad_enabled() else [])  # validation runs without grad
+        value = real(*args, **kwargs)
+        return value * float("nan") if len(calls) == steps_per_epoch + 2 else value
+
+    steps_per_epoch = -(-len(load_corpus(corpus, valid_speakers=1, segment_seconds=None).train) // 2)
+    monkeypatch.setattr(distill, "task_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 2: loss is not finite .*task nan"):
+        training.train(cfg, corpus, tmp_path, progress=False, log=quiet)
+    good = training.load_checkpoint(tmp_path / "last.pt")
+    assert good["epoch"] == 1 and all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in json.loads((tmp_path / "history.json").read_text())] == [1]
+    monkeypatch.setattr(distill, "task_loss", real)
+    assert training.train(cfg, corpus, tmp_path, progress=False, log=quiet)["history"][-1]["epoch"] == 3
+
+
+def test_killed_run_resumes_without_losing_finished_epochs(corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["train-teacher", "--data", str(corpus), "--no-progress"] + [a for o in TINY for a in ("--set", o)]
+    args += ["--set", "train.epochs=4"]
+    proc = subprocess.Popen([sys.executable, "-m", "pycosdist", *args, "--out", str(tmp_path / "killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # during epoch 2 (epoch 1's checkpoint has just been written)
+    proc.wait()
+    done = training.load_checkpoint(last)["epoch"]
+    assert 1 <= done < 4
+    from pycosdist.cli import main
+
+    assert main(args + ["--out", str(tmp_path / "killed")]) == 0
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    a, b = (training.load_checkpoint(tmp_path / d / "last.pt") for d in ("killed", "full"))
+    assert a["epoch"] == b["epoch"] == 4
+    assert _strip(a["history"])[:done] == _strip(b["history"])[:done]  # finished epochs kept as they were
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
