@@ -5,7 +5,7 @@ VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 # Runtime + build + test dependencies (torch pinned; never inside build isolation).
 PIP_DEPS := numpy scipy threadpoolctl pybind11 scikit-build-core ninja pesq pystoi soundfile tqdm espeakng-loader \
-            matplotlib pytest pytest-benchmark hypothesis
+            matplotlib pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript
 
 .PHONY: demo test build dev bench cuda-check clean
 

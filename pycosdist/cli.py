@@ -1,4 +1,4 @@
-"""Command line: ``pycosdist {data,train-teacher,distill,evaluate,enhance,demo,experiment}`` (``-h`` on each)."""
+"""Command line: ``pycosdist {data,train-teacher,distill,evaluate,enhance,export,demo,experiment}`` (``-h`` on each)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("enhance", help="denoise audio files (any rate / channels; written as 16 kHz mono)")
     p.add_argument("inputs", type=Path, nargs="+", help="audio files or folders (searched recursively)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a training checkpoint (.pt) or an exported model (.ts, .onnx; see `pycosdist export`)")
+
+    p = sub.add_parser("export", help="export a trained model's mask net (TorchScript, ONNX) for small devices")
+    p.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (e.g. RUN/best.pt)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (model.ts, model.onnx, model.json)")
+    p.add_argument("--format", nargs="+", default=["torchscript", "onnx"], choices=["torchscript", "onnx"])
 
     p = sub.add_parser("experiment", help="repeated runs over mismatch scenarios and KD methods: mean ± std table")
     p.add_argument("config", type=Path, nargs="?", help="experiment TOML (see configs/experiment.toml)")
@@ -101,7 +107,12 @@ def cmd_enhance(args) -> int:
     from .training import load_model, set_threads
 
     set_threads(0)
-    model, _ = load_model(args.checkpoint)
+    if args.checkpoint.suffix.lower() in (".ts", ".onnx"):
+        from .export import ExportedDenoiser
+
+        model = ExportedDenoiser(args.checkpoint)
+    else:
+        model, _ = load_model(args.checkpoint)
     jobs = _collect_audio(args.inputs)
     for src, rel in jobs:
         x, sr = audio.read_audio(src)
@@ -171,6 +182,13 @@ def main(argv=None) -> int:
             return cmd_evaluate(args)
         elif args.command == "enhance":
             return cmd_enhance(args)
+        elif args.command == "export":
+            from .export import export
+            from .training import load_model
+
+            for fmt, path in export(load_model(args.checkpoint)[0], args.out, args.format).items():
+                print(f"{fmt}: {path}")
+            print(f"interface: {args.out / 'model.json'}")
         elif args.command == "experiment":
             from . import experiment
 

@@ -185,15 +185,20 @@ class UNetDenoiser(nn.Module):
         """Bottleneck output (B, C, F', T) of ``noisy`` (B, n); the decoder is not run."""
         return self._encode(self._features(noisy)[1])[0]
 
+    def mask_and_latent(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """The network between the STFT and the iSTFT: ``features`` (B, 1, F, T) compressed noisy
+        magnitude -> ``(mask (B, F, T) in [0, 1], latent (B, C, F', T))``."""
+        lat, skips = self._encode(features)
+        y = lat
+        sizes = [features.shape[-2:]] + [s.shape[-2:] for s in skips[:-1]]
+        for up, skip, size in zip(self.decoder, reversed(skips), reversed(sizes)):
+            y = up(torch.cat([y, skip], 1), size)
+        return torch.sigmoid(self.head(y)).squeeze(1), lat
+
     def enhance_with_latent(self, noisy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns ``(enhanced (B, n), latent (B, C, F', T), enhanced_spec (B, F, T) complex)``."""
         spec, x = self._features(noisy)
-        lat, skips = self._encode(x)
-        y = lat
-        sizes = [x.shape[-2:]] + [s.shape[-2:] for s in skips[:-1]]
-        for up, skip, size in zip(self.decoder, reversed(skips), reversed(sizes)):
-            y = up(torch.cat([y, skip], 1), size)
-        mask = torch.sigmoid(self.head(y)).squeeze(1)  # (B, F, T), bounded in [0, 1]
+        mask, lat = self.mask_and_latent(x)
         enhanced_spec = mask * spec  # masks the magnitude, keeps the noisy phase
         return self.stft.inverse(enhanced_spec, noisy.shape[-1]), lat, enhanced_spec
 

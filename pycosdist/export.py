@@ -1,0 +1,108 @@
+"""Export a trained denoiser for small devices: TorchScript and ONNX (``pycosdist export``).
+
+What is exported is the network between the STFT and the iSTFT (the "mask net"), so that a device
+can use its own (often hardware-accelerated) FFT:
+
+    features (B, 1, 257, T) float32 = |STFT(noisy)| ** 0.3   ->   mask (B, 257, T) float32 in [0, 1]
+
+with the STFT of :class:`pycosdist.models.STFT`: 16 kHz, 512-point FFT, hop 128, periodic Hann
+window, centred (reflect-padded) frames, T = n // 128 + 1. The enhanced signal is
+``iSTFT(mask * STFT(noisy))`` (noisy phase kept). B and T are dynamic. The sidecar ``model.json``
+records all of this. :class:`ExportedDenoiser` runs an exported file with the same STFT, so Python
+users (and ``pycosdist enhance --checkpoint model.onnx``) get the PyTorch model's output.
+The LIB and every KD module are training-only: they are not part of the student that is exported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .models import COMPRESS, HOP, N_FFT, SAMPLE_RATE, STFT, UNetDenoiser, compress
+
+FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
+
+
+class MaskNet(nn.Module):
+    """features (B, 1, F, T) -> mask (B, F, T): the exported part of a :class:`UNetDenoiser`."""
+
+    def __init__(self, model: UNetDenoiser):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.model.mask_and_latent(features)[0]
+
+
+def interface(model: UNetDenoiser) -> dict:
+    return {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP, "window": "hann (periodic)", "center": True,
+            "compression": COMPRESS, "input": {"name": "features", "shape": ["batch", 1, N_FFT // 2 + 1, "frames"],
+                                               "dtype": "float32", "is": "|STFT(noisy)| ** compression"},
+            "output": {"name": "mask", "shape": ["batch", N_FFT // 2 + 1, "frames"], "dtype": "float32",
+                       "is": "enhanced = iSTFT(mask * STFT(noisy))"},
+            "model_config": model.config.to_dict()}
+
+
+def export(model: UNetDenoiser, out_dir, formats=tuple(FORMATS)) -> dict[str, Path]:
+    """Writes the mask net of ``model`` in each of ``formats`` to ``out_dir`` plus ``model.json``;
+    returns ``{format: path}``."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"formats: unknown export format(s) {unknown}; expected some of {list(FORMATS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = MaskNet(model.float().eval()).eval()
+    example = torch.rand(2, 1, N_FFT // 2 + 1, 50)
+    paths = {}
+    with torch.no_grad():
+        if "torchscript" in formats:
+            # Traced: the only shape-dependent Python (ConvTranspose output sizes) concerns the fixed
+            # frequency axis, so the trace is valid for any batch size and number of frames.
+            traced = torch.jit.trace(net, example)
+            paths["torchscript"] = out_dir / FORMATS["torchscript"]
+            traced.save(str(paths["torchscript"]))
+        if "onnx" in formats:
+            paths["onnx"] = out_dir / FORMATS["onnx"]
+            frames = torch.export.Dim("frames", min=1)
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(net, (example,), str(paths["onnx"]), input_names=["features"], output_names=["mask"],
+                              dynamic_shapes={"features": {0: batch, 3: frames}}, dynamo=True, external_data=False)
+    (out_dir / "model.json").write_text(json.dumps({**interface(model), "files": {k: v.name for k, v in paths.items()}},
+                                                   indent=1))
+    return paths
+
+
+class ExportedDenoiser:
+    """An exported mask net (``.ts`` or ``.onnx``) with the STFT around it: ``(B, n)`` or ``(n,)``
+    waveform -> enhanced waveform of the same shape."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"exported model: no such file {self.path}")
+        suffix = self.path.suffix.lower()
+        if suffix == ".ts":
+            self._net = torch.jit.load(str(self.path)).eval()
+            self._run = lambda f: self._net(f)
+        elif suffix == ".onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+            self._run = lambda f: torch.from_numpy(session.run(["mask"], {"features": f.numpy()})[0])
+        else:
+            raise ValueError(f"exported model {self.path}: expected a .ts (TorchScript) or .onnx file")
+        self.stft = STFT()
+
+    @torch.no_grad()
+    def __call__(self, noisy: Tensor) -> Tensor:
+        single = noisy.dim() == 1
+        wave = noisy[None] if single else noisy
+        if wave.dim() != 2:
+            raise ValueError(f"noisy: expected a (samples,) or (batch, samples) waveform, got shape {tuple(noisy.shape)}")
+        spec = self.stft(wave.float())
+        mask = self._run(compress(spec.abs()).unsqueeze(1).contiguous())
+        out = self.stft.inverse(mask * spec, wave.shape[-1])
+        return out[0] if single else out

@@ -1,0 +1,70 @@
+"""Export of a trained student (TorchScript, ONNX): same output as the PyTorch model; enhance uses it."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from pycosdist import export, training
+from pycosdist.cli import main
+from pycosdist.models import UNetConfig, UNetDenoiser
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = UNetDenoiser(UNetConfig(channels=(4, 8, 8), kernel_size=(3, 3), bottleneck_layers=2))
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_model_matches_pytorch(model, fmt, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    path = export.export(model, tmp_path, [fmt])[fmt]
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["files"] == {fmt: path.name} and info["hop"] == 128 and info["input"]["name"] == "features"
+    denoiser = export.ExportedDenoiser(path)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(16000,), (3, 12345), (1, 700)]:  # batch and frames are dynamic
+        x = 0.1 * torch.randn(shape, generator=g)
+        with torch.no_grad():
+            want = model(x if x.dim() == 2 else x[None])
+        got = denoiser(x)
+        assert got.shape == x.shape
+        torch.testing.assert_close(got.reshape(want.shape), want, atol=1e-5, rtol=1e-4)
+
+
+def test_export_cli_and_enhance_with_the_exported_model(model, tmp_path):
+    ckpt = tmp_path / "run" / "best.pt"
+    training.save_checkpoint({"format": "pycosdist", "model_config": model.config.to_dict(),
+                              "model": model.state_dict()}, ckpt)
+    assert main(["export", "--checkpoint", str(ckpt), "-o", str(tmp_path / "exported")]) == 0
+    n = 22050  # 1 s at 22.05 kHz, stereo: converted to 16 kHz mono before enhancement
+    stereo = 0.1 * np.random.default_rng(0).standard_normal((n, 2))
+    sf.write(tmp_path / "noisy.wav", stereo, 22050)
+    outs = {}
+    for name in ("best.pt", "model.ts", "model.onnx"):
+        src = ckpt if name == "best.pt" else tmp_path / "exported" / name
+        assert main(["enhance", str(tmp_path / "noisy.wav"), "-o", str(tmp_path / name), "--checkpoint", str(src)]) == 0
+        outs[name], sr = sf.read(tmp_path / name / "noisy.wav", dtype="float32")
+        assert sr == 16000 and outs[name].shape == (16000,)
+    for name in ("model.ts", "model.onnx"):
+        np.testing.assert_allclose(outs[name], outs["best.pt"], atol=1e-5)
+
+
+def test_bad_export_arguments(model, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown export format\(s\) \['tflite'\]"):
+        export.export(model, tmp_path, ["tflite"])
+    (tmp_path / "m.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"expected a .ts \(TorchScript\) or .onnx file"):
+        export.ExportedDenoiser(tmp_path / "m.bin")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        export.ExportedDenoiser(tmp_path / "nope.onnx")
