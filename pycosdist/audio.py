@@ -61,6 +61,20 @@ def to_mono_16k(x: np.ndarray, sr: int) -> np.ndarray:
     return resample_poly(x, SAMPLE_RATE // g, sr // g).astype(np.float32)
 
 
+def write_text_atomic(path, text: str) -> Path:
+    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``: readers (and a crash)
+    see the old file or the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def write_audio(path, x: np.ndarray, sr: int = SAMPLE_RATE, subtype: str | None = None) -> Path:
     """Writes ``x`` (samples,) or (channels, samples) to ``path`` atomically (tmp file + os.replace).
 

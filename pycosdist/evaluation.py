@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
+
+from .audio import write_text_atomic
 
 SAMPLE_RATE = 16000
 MIN_SECONDS = 0.25  # PESQ's own minimum
@@ -136,11 +137,6 @@ def _single_threaded() -> None:
     threadpool_limits(1)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def _mean(values):
     return float(np.mean(values)) if values else None
@@ -226,8 +222,8 @@ def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 
     for r in results:
         values = [f"{r.metrics[m]:.6f}" for m in METRICS] if r.metrics else [""] * len(METRICS)
         writer.writerow([r.name, *values, r.error or ""])
-    _atomic_write(out_dir / f"{label}_per_file.csv", buf.getvalue())
-    _atomic_write(out_dir / f"{label}_summary.json", json.dumps(summary, indent=1))
+    write_text_atomic(out_dir / f"{label}_per_file.csv", buf.getvalue())
+    write_text_atomic(out_dir / f"{label}_summary.json", json.dumps(summary, indent=1))
     return summary
 
 

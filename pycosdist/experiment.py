@@ -26,7 +26,6 @@ import copy
 import csv
 import io
 import json
-import os
 import time
 import tomllib
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import config as config_mod
+from .audio import write_text_atomic
 from .distill import METHODS
 
 METRICS = ("pesq", "stoi", "si_sdr")
@@ -163,12 +163,6 @@ def markdown(rows: list[dict], reference_rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, list(rows[0]), lineterminator="\n")
@@ -255,14 +249,14 @@ def run_experiment(cfg: dict, out, progress: bool = False, log=print) -> dict:
                      **{m: s[m] for m in METRICS}, "n_failed": s["n_failed"]})
 
     rows = summarize(runs)
-    _atomic_write(out / "runs.csv", _csv(runs))
-    _atomic_write(out / "results.csv", _csv(rows))
+    write_text_atomic(out / "runs.csv", _csv(runs))
+    write_text_atomic(out / "results.csv", _csv(rows))
     seconds = round(time.perf_counter() - t0, 1)
     md = (f"# Experiment: mean ± std over {ex['seeds']} seeds (test set, {len(test)} files)\n\n"
           + markdown(rows, reference_rows)
           + f"\nKD weights: {cfg['lambda']}. Wall time of this invocation: {seconds:.0f} s.\n")
-    _atomic_write(out / "results.md", md)
-    _atomic_write(out / "results.json", json.dumps({"rows": rows, "reference": reference_rows, "runs": runs,
+    write_text_atomic(out / "results.md", md)
+    write_text_atomic(out / "results.json", json.dumps({"rows": rows, "reference": reference_rows, "runs": runs,
                                                     "seconds": seconds, "config": cfg}, indent=1))
     plot_pesq_vs_size(rows, out / "pesq_vs_size.png", teacher_row, noisy["pesq"])
     log(md)

@@ -10,7 +10,7 @@ lets a student's frames be aligned one-to-one with the teacher's.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn

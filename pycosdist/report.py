@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from . import config as config_mod
+from .audio import write_text_atomic
 
 # The demo recipe (also in configs/teacher_demo.toml and configs/student_demo.toml; a test keeps
 # them equal). kd.lambda was chosen on the VALIDATION split only (best valid PESQ of cosine_lib
@@ -81,9 +81,7 @@ def write_results(out_dir, rows: list[dict], extra: dict | None = None, columns=
         md += "\n" + extra["notes"] + "\n"
     for name, text in (("results.csv", buf.getvalue()), ("results.md", md),
                        ("results.json", json.dumps({"rows": rows, **(extra or {})}, indent=1))):
-        tmp = out_dir / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+        write_text_atomic(out_dir / name, text)
 
 
 # --- evaluation of checkpoints ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, to_mono_16k, write_audio
+from .audio import SAMPLE_RATE, to_mono_16k, write_audio, write_text_atomic
 from .data import SPLIT_DIRS, SUFFIX_16K
 
 NOISE_TYPES = ("white", "pink", "brown", "babble", "hum", "bursts")
@@ -323,7 +323,5 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 8, n_test_speakers: int =
                           seconds=round(len(clean) / SAMPLE_RATE, 3)))
 
     manifest = dict(params=params, speakers=speakers, files=files)
-    tmp = manifest_path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     return out_dir

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from . import config as config_mod
 from . import distill
+from .audio import write_text_atomic
 from .models import HOP, UNetConfig, UNetDenoiser, build_model, count_parameters, preset
 
 CHECKPOINT_VERSION = 1
@@ -253,21 +254,15 @@ def _lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int
     return factor
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_history(out_dir: Path, history: list[dict]) -> None:
-    _atomic_text(out_dir / "history.json", json.dumps(history, indent=1))
+    write_text_atomic(out_dir / "history.json", json.dumps(history, indent=1))
     if history:
         keys = list(dict.fromkeys(k for row in history for k in row))
         buf = io.StringIO()
         w = csv.DictWriter(buf, keys, lineterminator="\n")
         w.writeheader()
         w.writerows(history)
-        _atomic_text(out_dir / "history.csv", buf.getvalue())
+        write_text_atomic(out_dir / "history.csv", buf.getvalue())
 
 
 def _better(metric: str, new: float, old: float | None) -> bool:
@@ -380,7 +375,7 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
         if start < tc["epochs"]:
             log(f"resuming {out_dir} after epoch {start}")
     if rank == 0:
-        _atomic_text(out_dir / "config.toml", config_mod.to_toml(cfg))
+        write_text_atomic(out_dir / "config.toml", config_mod.to_toml(cfg))
     if world > 1:  # after a resume: every rank holds the same state; DDP broadcasts rank 0's parameters
         step_module = nn.parallel.DistributedDataParallel(step_module)
     n_params = count_parameters(model)
