@@ -31,6 +31,7 @@ test: build
 bench: build
 	$(VPY) bench/bench_cosine_distance.py
 	$(VPY) bench/bench_lib.py
+	$(VPY) bench/bench_train_step.py
 
 # In-place developer build: pycosdist/_C*.so next to the sources; use with PYTHONPATH=.
 dev: $(DEPS)
