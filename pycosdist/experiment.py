@@ -204,7 +204,7 @@ def run_experiment(cfg: dict, out, progress: bool = False, log=print) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps(cfg, indent=1))
+    write_text_atomic(out / "experiment.json", json.dumps(cfg, indent=1))
     ex = cfg["experiment"]
     corpus_dir = Path(ex["corpus"]) if ex["corpus"] else synth.synthesize_corpus(out / "corpus", **cfg["corpus"])
     teacher_cfg = config_mod.merge(config_mod.merge(config_mod.DEFAULTS, cfg["teacher"]), {"kd": {"method": "none"}})
