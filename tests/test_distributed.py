@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import pycosdist
 from pycosdist import training
 from pycosdist.cli import main
 from pycosdist.synth import synthesize_corpus
@@ -34,10 +37,11 @@ def test_two_gloo_ranks_match_one_process_with_the_combined_batch(setup):
     distill = ["distill", "--method", "cosine_lib", "--teacher", str(d / "teacher" / "best.pt"),
                "--data", str(corpus), *ARGS]
     assert main(distill + ["--out", str(d / "single")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The pycosdist this test imported (installed or in-place), whatever the child's cwd.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(pycosdist.__file__).parents[1])}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "pycosdist", *distill, "--out", str(d / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=300, cwd=d)  # cwd: not the source tree
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("epoch 2/2") == 1  # rank 0 alone logs
 

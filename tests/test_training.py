@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,8 +247,11 @@ def test_killed_run_resumes_without_losing_finished_epochs(corpus, tmp_path):
 
     args = ["train-teacher", "--data", str(corpus), "--no-progress"] + [a for o in TINY for a in ("--set", o)]
     args += ["--set", "train.epochs=4"]
+    import pycosdist
+
+    env = {**os.environ, "PYTHONPATH": str(Path(pycosdist.__file__).parents[1])}  # the pycosdist imported here
     proc = subprocess.Popen([sys.executable, "-m", "pycosdist", *args, "--out", str(tmp_path / "killed")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
     last = tmp_path / "killed" / "last.pt"
     deadline = time.time() + 120
     while not last.exists() and proc.poll() is None and time.time() < deadline:
