@@ -417,7 +417,7 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
             loss = task + lam * kd_value if kd is not None else task
             if _all_sum([0.0 if torch.isfinite(loss) else 1.0], world)[0]:  # every rank stops together
                 raise FloatingPointError(f"epoch {epoch + 1}, step {step}: loss is not finite on some rank (here "
-                                         f"{float(loss)}: task {float(task)}, kd {float(kd_value)}); lower train.lr?")
+                                         f"{loss.item()}: task {task.item()}, kd {kd_value.item()}); lower train.lr?")
             optimizer.zero_grad(set_to_none=True)
             (loss * share).backward()
             if tc["grad_clip"] > 0:
