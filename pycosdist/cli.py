@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="repeated runs over mismatch scenarios and KD methods: mean ± std table")
     p.add_argument("config", type=Path, nargs="?", help="experiment TOML (see configs/experiment.toml)")
-    p.add_argument("--small", action="store_true", help="the small preset (about 45 min on 2 CPU cores)")
+    p.add_argument("--small", action="store_true", help="the small preset (about 30 min on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("experiment"), help="output folder (rerun to resume)")
+    p.add_argument("--seeds", type=int, help="seeds per cell (0..N-1); overrides experiment.seeds")
+    p.add_argument("--workers", type=int, help="evaluation worker processes; overrides experiment.eval_workers")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("demo", help="synthesize, train, distill, evaluate, report (the make demo job)")
@@ -192,8 +194,10 @@ def main(argv=None) -> int:
         elif args.command == "experiment":
             from . import experiment
 
-            experiment.run_experiment(experiment.load_config(args.config, small=args.small), args.out,
-                                      progress=not args.no_progress)
+            given = {"seeds": args.seeds, "eval_workers": args.workers}
+            overrides = {"experiment": {k: v for k, v in given.items() if v is not None}}
+            experiment.run_experiment(experiment.load_config(args.config, small=args.small, overrides=overrides),
+                                      args.out, progress=not args.no_progress)
         elif args.command == "demo":
             from .report import run_demo
 

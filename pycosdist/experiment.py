@@ -95,8 +95,9 @@ def _merge(base: dict, updates: dict) -> dict:
     return out
 
 
-def load_config(path=None, small: bool = False) -> dict:
-    """:data:`EXPERIMENT_DEFAULTS`, then :data:`SMALL` if ``small``, then the TOML file ``path``; checked."""
+def load_config(path=None, small: bool = False, overrides: dict | None = None) -> dict:
+    """:data:`EXPERIMENT_DEFAULTS`, then :data:`SMALL` if ``small``, then the TOML file ``path``, then
+    ``overrides`` (same layout, e.g. ``{"experiment": {"seeds": 5}}``: the CLI's ``--seeds``); checked."""
     cfg = _merge(EXPERIMENT_DEFAULTS, SMALL) if small else _merge(EXPERIMENT_DEFAULTS, {})
     if path is not None:
         path = Path(path)
@@ -106,6 +107,7 @@ def load_config(path=None, small: bool = False) -> dict:
             cfg = _merge(cfg, tomllib.loads(path.read_text()))
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config {path}: not valid TOML ({e})") from None
+    cfg = _merge(cfg, overrides or {})
     ex = cfg["experiment"]
     from .models import PRESETS
 
@@ -117,6 +119,8 @@ def load_config(path=None, small: bool = False) -> dict:
             raise ValueError(f"experiment.methods: unknown KD method {m!r}; expected some of {list(METHODS)}")
     if ex["seeds"] < 1:
         raise ValueError(f"experiment.seeds: expected >= 1, got {ex['seeds']}")
+    if ex["eval_workers"] < 0:
+        raise ValueError(f"experiment.eval_workers: expected >= 0 (0: evaluate in this process), got {ex['eval_workers']}")
     if not ex["scenarios"] or not ex["methods"]:
         raise ValueError("experiment: scenarios and methods must not be empty")
     return cfg

@@ -12,8 +12,6 @@ TINY = """
 [experiment]
 scenarios = ["student_eighth", "student_shallow"]
 methods = ["none", "cosine_lib"]
-seeds = 2
-eval_workers = 0
 [corpus]
 n_train_speakers = 3
 n_test_speakers = 1
@@ -44,7 +42,8 @@ valid_speakers = 1
 def done(tmp_path_factory):
     d = tmp_path_factory.mktemp("exp")
     (d / "tiny.toml").write_text(TINY)
-    assert main(["experiment", str(d / "tiny.toml"), "--out", str(d / "out"), "--no-progress"]) == 0
+    assert main(["experiment", str(d / "tiny.toml"), "--out", str(d / "out"), "--no-progress",
+                 "--seeds", "2", "--workers", "0"]) == 0
     return d
 
 
@@ -82,7 +81,7 @@ def test_rerun_skips_finished_cells(done, monkeypatch):
 
     monkeypatch.setattr(training, "train", spy)
     before = (done / "out" / "runs.csv").read_text()
-    cfg = experiment.load_config(done / "tiny.toml")
+    cfg = experiment.load_config(done / "tiny.toml", overrides={"experiment": {"seeds": 2, "eval_workers": 0}})
     experiment.run_experiment(cfg, done / "out", log=lambda *_: None)
     assert [p for p in trained if "runs" in p] == []  # only the (finished) teacher is revisited
     assert (done / "out" / "runs.csv").read_text() == before
@@ -102,4 +101,10 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text("[lambda]\ncosine = 1.0\n")
     with pytest.raises(KeyError, match="lambda.cosine"):
         experiment.load_config(bad)
+    with pytest.raises(ValueError, match="experiment.seeds: expected >= 1, got 0"):
+        experiment.load_config(overrides={"experiment": {"seeds": 0}})
+    with pytest.raises(ValueError, match="experiment.eval_workers: expected >= 0"):
+        experiment.load_config(overrides={"experiment": {"eval_workers": -1}})
+    with pytest.raises(ValueError, match="experiment.seeds: expected a int"):
+        experiment.load_config(overrides={"experiment": {"seeds": "3"}})
     assert experiment.load_config(small=True)["student"]["train"]["epochs"] == 6
