@@ -3,21 +3,21 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
-# Runtime + build + test dependencies (torch pinned; never inside build isolation).
-PIP_DEPS := numpy scipy threadpoolctl pybind11 scikit-build-core ninja pesq pystoi soundfile tqdm espeakng-loader \
-            matplotlib pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript
+# Build requirements, installed before the --no-build-isolation install (never torch in isolation).
+# Cython, setuptools and numpy are there for pesq's sdist (the [train] extra), as in README.
+BUILD_DEPS := scikit-build-core pybind11 ninja Cython setuptools numpy
 
 .PHONY: demo test build dev bench cuda-check clean
 
 $(DEPS):
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q $(PIP_DEPS)
+	$(VPY) -m pip install -q $(BUILD_DEPS)
 	touch $@
 
-# Installs the package into .venv, building the extension against the venv's torch.
+# Installs the package with every extra into .venv, building the extension against the venv's torch.
 build: $(DEPS)
-	$(VPY) -m pip install -q --no-build-isolation .
+	$(VPY) -m pip install -q --no-build-isolation ".[all]"
 
 demo: build
 	$(VENV)/bin/pycosdist demo
@@ -29,9 +29,9 @@ test: build
 
 # CPU benchmarks (our ops vs eager and torch.compile of the reference); CSVs in bench/results/.
 bench: build
-	$(VPY) bench/bench_cosine_distance.py
-	$(VPY) bench/bench_lib.py
-	$(VPY) bench/bench_train_step.py
+	$(VPY) bench/library/bench_cosine_distance.py
+	$(VPY) bench/library/bench_lib.py
+	$(VPY) bench/denoise/bench_train_step.py
 
 # In-place developer build: pycosdist/_C*.so next to the sources; use with PYTHONPATH=.
 dev: $(DEPS)

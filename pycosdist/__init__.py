@@ -6,14 +6,21 @@ Public API:
   - :mod:`pycosdist.nn`: ``CosineDistanceLoss``, ``LinearInvertedBottleneck``, ``CosineLIBDistillationLoss``
   - :mod:`pycosdist.reference`: pure-PyTorch twins of every op (the test oracle)
   - :func:`build_info`
-The training package (data, models, distill, training, evaluation, cli) is imported on demand.
+  - :func:`pycosdist.features.LatentDistiller`: distill any teacher/student ``nn.Module`` pair by module name
+
+Only torch and numpy are needed. The denoising application built on it (data, models, KD methods,
+training, evaluation, demo, experiment, export, CLI) is :mod:`pycosdist.denoise`; it needs the
+``[train]`` extra and is never imported by the library.
 """
 
 from ._extension import build_info
 from .functional import cosine_distance_loss, lib_cosine_distance_loss, lib_projection
 from . import nn, reference
+from . import _moved
 
-__version__ = "0.1.0"
+_moved.install()  # `pycosdist.training` etc. -> `pycosdist.denoise.*`, with a DeprecationWarning
+
+__version__ = "0.2.0"
 
 __all__ = [
     "build_info",

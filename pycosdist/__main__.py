@@ -1,7 +1,7 @@
-"""``python -m pycosdist ...`` = the ``pycosdist`` command."""
+"""``python -m pycosdist ...`` = the ``pycosdist`` command (the application in :mod:`pycosdist.denoise`)."""
 
 import sys
 
-from .cli import main
+from .denoise.cli import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 (forward + backward) and the fused LIB + cosine loss, pycosdist vs the pure-PyTorch reference,
 eager and torch.compile'd; optionally Liger-Kernel's fused linear cosine loss.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_cuda.py [--quick]
+    PYTHONPATH=. .venv/bin/python bench/library/bench_cuda.py [--quick]
 
 Cosine distance: "moved GB/s" counts the bytes pycosdist's two kernels must move (forward reads
 student and teacher, backward reads them again and writes the student gradient: 5 * N * D
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import copy_bandwidth_gbs, format_table, machine_description, median_time, write_csv  # noqa: E402
 
 COSINE_CONFIGS = [(torch.float32, 262144, 512), (torch.bfloat16, 262144, 512), (torch.float32, 16384, 256)]

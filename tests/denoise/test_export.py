@@ -7,9 +7,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from pycosdist import export, training
-from pycosdist.cli import main
-from pycosdist.models import UNetConfig, UNetDenoiser
+from pycosdist.denoise import export, training
+from pycosdist.denoise.cli import main
+from pycosdist.denoise.models import UNetConfig, UNetDenoiser
 
 
 @pytest.fixture(scope="module")

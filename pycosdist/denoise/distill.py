@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import reference
+from .. import reference
 from .models import UNetDenoiser, compress
 
 METHODS = ("none", "fitnet_mse", "similarity_preserving", "cosine_lib")
@@ -85,26 +85,11 @@ class SimilarityPreservingLoss(nn.Module):
         return ((g_s - g_t) ** 2).sum((1, 2)).mean() / (t * t)
 
 
-class _ReferenceCosineLIB(nn.Module):
-    """TEMPORARY stand-in (pure PyTorch) until pycosdist.nn.CosineLIBDistillationLoss lands."""
-
-    def __init__(self, student_dim, teacher_dim, expansion=4, bias=True, eps=1e-8, reduction="mean", layout="bcft"):
-        super().__init__()
-        self.w1 = nn.Linear(student_dim, expansion * student_dim, bias=bias)
-        self.w2 = nn.Linear(expansion * student_dim, teacher_dim, bias=bias)
-        self.eps, self.reduction, self.layout = eps, reduction, layout
-
-    def forward(self, s, t):
-        return reference.lib_cosine_distance_loss(s, t, self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias,
-                                                  self.eps, self.reduction, self.layout)
-
-
 def _cosine_lib_module(student_dim, teacher_dim, expansion, bias, eps):
-    from . import nn as pcd_nn
+    from ..nn import CosineLIBDistillationLoss
 
-    cls = getattr(pcd_nn, "CosineLIBDistillationLoss", _ReferenceCosineLIB)
-    return cls(student_dim, teacher_dim, expansion=expansion, bias=bias, eps=eps,
-                                            reduction="mean", layout="bcft")
+    return CosineLIBDistillationLoss(student_dim, teacher_dim, expansion=expansion, bias=bias, eps=eps,
+                                     reduction="mean", layout="bcft")
 
 
 def make_kd_loss(method: str, student_latent_shape, teacher_latent_shape, *, expansion: int = 4, bias: bool = True,

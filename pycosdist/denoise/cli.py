@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
-from .audio import AudioError
+# The [train] extra's modules (import name -> package name): the command needs all of them.
+TRAIN_MODULES = {"scipy": "scipy", "threadpoolctl": "threadpoolctl", "pesq": "pesq", "pystoi": "pystoi",
+                 "soundfile": "soundfile", "tqdm": "tqdm", "espeakng_loader": "espeakng-loader",
+                 "matplotlib": "matplotlib"}
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".opus")
 
@@ -149,7 +153,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def missing_train_packages() -> list[str]:
+    return [pkg for mod, pkg in TRAIN_MODULES.items() if importlib.util.find_spec(mod) is None]
+
+
 def main(argv=None) -> int:
+    missing = missing_train_packages()
+    if missing:
+        print(f"pycosdist: the command line needs the [train] extra (missing: {', '.join(missing)}). Install it "
+              "with: pip install Cython setuptools numpy && pip install --no-build-isolation 'pycosdist[train]' "
+              "(from a source checkout: \".[train]\")", file=sys.stderr)
+        return 2
+    from .audio import AudioError
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "data":
@@ -199,7 +215,7 @@ def main(argv=None) -> int:
             experiment.run_experiment(experiment.load_config(args.config, small=args.small, overrides=overrides),
                                       args.out, progress=not args.no_progress)
         elif args.command == "demo":
-            from .report import run_demo
+            from .demo import run_demo
 
             run_demo(args.out, progress=not args.no_progress, workers=args.workers)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, AudioError) as e:

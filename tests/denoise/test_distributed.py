@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import pycosdist
-from pycosdist import training
-from pycosdist.cli import main
-from pycosdist.synth import synthesize_corpus
+from pycosdist.denoise import training
+from pycosdist.denoise.cli import main
+from pycosdist.denoise.synth import synthesize_corpus
 
 # norm=group: per-example normalization, so the split run is exactly the combined-batch run (BatchNorm
 # statistics would be per rank: SyncBatchNorm needs a GPU).

@@ -1,7 +1,7 @@
 """Benchmark: fused LIB + cosine distance loss (forward + backward) on CPU vs the unfused
 pure-PyTorch reference, eager and torch.compile'd: median time and peak extra memory.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_lib.py [--quick]
+    PYTHONPATH=. .venv/bin/python bench/library/bench_lib.py [--quick]
 
 float32, D_s=128, D_t=512, e=4 (E=512), N in {16384, 131072}; the loss is 'mean', with biases.
 Each (variant, N) runs in a fresh subprocess, so that memory one variant freed but the process
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import format_table, machine_description, median_time, peak_rss_bytes, write_csv  # noqa: E402
 
 import pycosdist  # noqa: E402

@@ -1,49 +1,18 @@
-"""Results tables, figures and the end-to-end demo (``pycosdist demo``, the main job of ``make demo``).
-
-The demo synthesizes the default corpus, trains the demo teacher, distills one student preset with
-no KD, the similarity-preserving baseline and the cosine/LIB loss, evaluates everything (and the
-noisy input) on the synthetic test set, and writes to the report folder: ``results.md`` /
-``results.csv`` / ``results.json`` (model, params, MACs, PESQ, STOI, SI-SDR), ``spectrograms.png``
-plus one ``spec_<row>.png`` per row (input, teacher, each student, clean) and ``training_curves.png``.
-Work files (corpus, runs, per-file scores) go to ``<report>/work``; rerunning resumes every stage.
-"""
+"""Results tables, figures and checkpoint evaluation shared by the demo, ``evaluate`` and the experiment."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from . import config as config_mod
 from .audio import write_text_atomic
 
-# The demo recipe (also in configs/teacher_demo.toml and configs/student_demo.toml; a test keeps
-# them equal). kd.lambda was chosen on the VALIDATION split only (best valid PESQ of cosine_lib
-# over lambda in {0.1, 0.3, 1, 3, 10} with this teacher and student; see README).
-DEMO_TEACHER = {
-    "model": {"preset": "teacher"},
-    "train": {"epochs": 8, "batch_size": 8, "lr": 3e-3, "valid_metric": "pesq"},
-}
-DEMO_STUDENT = {
-    "model": {"preset": "student_quarter"},
-    "train": {"epochs": 8, "batch_size": 8, "lr": 3e-3, "valid_metric": "pesq"},
-    "kd": {"lambda": 0.1, "expansion": 4},
-}
-DEMO_METHODS = ("none", "similarity_preserving", "cosine_lib")
 METRICS = ("pesq", "stoi", "si_sdr")
 COLUMNS = ("model", "method", "preset", "params", "mmacs_per_s", "pesq", "stoi", "si_sdr", "n_ok", "n_failed")
-
-
-def demo_config(kind: str) -> dict:
-    """The full configuration of the demo's ``"teacher"`` or ``"student"`` run (KD method unset)."""
-    if kind not in ("teacher", "student"):
-        raise ValueError(f"kind: expected 'teacher' or 'student', got {kind!r}")
-    return config_mod.merge(config_mod.DEFAULTS, DEMO_TEACHER if kind == "teacher" else DEMO_STUDENT)
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -193,71 +162,3 @@ def plot_training_curves(histories: dict, out_path) -> Path:
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return Path(out_path)
-
-
-# --- the demo --------------------------------------------------------------------------------------
-def run_demo(out="report", progress: bool = True, workers: int = 2, log=print) -> dict:
-    """Runs the whole demo (see the module docstring); returns the results dict."""
-    from . import data, synth, training
-
-    t_start = time.perf_counter()
-    out = Path(out)
-    work = out / "work"
-    timings = {}
-
-    def stage(name, fn):
-        t0 = time.perf_counter()
-        log(f"== {name}")
-        result = fn()
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log(f"== {name}: {timings[name]:.1f} s")
-        return result
-
-    corpus_dir = stage("synthesize corpus", lambda: synth.synthesize_corpus(work / "corpus", seed=0))
-    teacher_dir = work / "runs" / "teacher"
-    runs = {"teacher": stage("train teacher", lambda: training.train(
-        demo_config("teacher"), corpus_dir, teacher_dir, progress=progress, log=log))}
-    teacher_ckpt = teacher_dir / "best.pt"
-    student_preset = DEMO_STUDENT["model"]["preset"]
-    checkpoints = {"teacher": teacher_ckpt}
-    for method in DEMO_METHODS:
-        cfg = config_mod.merge(demo_config("student"), {"kd": {"method": method, "teacher": str(teacher_ckpt)}})
-        label = f"student {method}"
-        run_dir = work / "runs" / f"student_{method}"
-        runs[label] = stage(f"distill {student_preset} with {method}", lambda: training.train(
-            cfg, corpus_dir, run_dir, progress=progress, log=log))
-        checkpoints[label] = run_dir / "best.pt"
-
-    test = data.load_corpus(corpus_dir).test
-    rows = stage("evaluate on the test set", lambda: evaluate_checkpoints(
-        checkpoints, test, work / "eval", workers=workers, progress=progress))
-
-    def figures():
-        out.mkdir(parents=True, exist_ok=True)
-        i = int(np.argmax([len(test[k][0]) for k in range(len(test))]))  # the longest test file
-        noisy, clean = test[i]
-        waves = {"noisy input": noisy.numpy()}
-        for label, path in checkpoints.items():
-            model = training.load_model(path)[0]
-            with torch.no_grad():
-                waves[label] = model(noisy[None])[0].numpy()
-        waves["clean"] = clean.numpy()
-        plot_spectrograms(waves, out, title=f"test file {test.names[i]}")
-        plot_training_curves({k: v["history"] for k, v in runs.items()}, out / "training_curves.png")
-
-    stage("figures", figures)
-    wall = round(time.perf_counter() - t_start, 1)
-    gain = paired_gain(work / "eval", "student none", "student cosine_lib")
-    kd_gain = gain[0] if gain else None
-    notes = (f"Student preset `{student_preset}`; each row is its run's best.pt (best validation "
-             f"{DEMO_STUDENT['train']['valid_metric']}). PESQ gain of cosine_lib over no KD: "
-             + (f"{gain[0]:+.3f} (paired standard error {gain[1]:.3f} over {gain[2]} files)" if gain else "n/a")
-             + f". Wall time {wall:.0f} s (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ").")
-    extra = {"notes": notes, "wall_seconds": wall, "stage_seconds": timings, "torch_threads": torch.get_num_threads(),
-             "teacher_config": demo_config("teacher"), "student_config": demo_config("student"),
-             "pesq_gain_cosine_lib_over_none": kd_gain,
-             "pesq_gain_standard_error": gain[1] if gain else None}
-    write_results(out, rows, extra)
-    log("\n" + text_table(rows) + "\n\n" + notes)
-    log(f"report written to {out}/ (results.md/.csv/.json, spectrograms.png, training_curves.png)")
-    return {"rows": rows, **extra}

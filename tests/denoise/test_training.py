@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pycosdist import config, distill, training
-from pycosdist.data import load_corpus
-from pycosdist.models import HOP, UNetConfig, UNetDenoiser
-from pycosdist.synth import synthesize_corpus
+from pycosdist.denoise import config, distill, training
+from pycosdist.denoise.data import load_corpus
+from pycosdist.denoise.models import HOP, UNetConfig, UNetDenoiser
+from pycosdist.denoise.synth import synthesize_corpus
 
 TINY = ["model.channels=[4, 8]", "model.kernel_size=[3, 3]", "model.bottleneck_layers=1",
         "data.segment_seconds=0.5", "data.valid_speakers=1", "train.batch_size=2", "train.threads=1",
@@ -260,7 +260,7 @@ def test_killed_run_resumes_without_losing_finished_epochs(corpus, tmp_path):
     proc.wait()
     done = training.load_checkpoint(last)["epoch"]
     assert 1 <= done < 4
-    from pycosdist.cli import main
+    from pycosdist.denoise.cli import main
 
     assert main(args + ["--out", str(tmp_path / "killed")]) == 0
     assert main(args + ["--out", str(tmp_path / "full")]) == 0

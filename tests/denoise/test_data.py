@@ -10,11 +10,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from pycosdist import audio, data
-from pycosdist.audio import AudioError, read_audio, to_mono_16k, write_audio
-from pycosdist.data import (PairedAudioDataset, Pair, find_split_dirs, load_corpus, pair_files, prepare_16k,
+from pycosdist.denoise import audio, data
+from pycosdist.denoise.audio import AudioError, read_audio, to_mono_16k, write_audio
+from pycosdist.denoise.data import (PairedAudioDataset, Pair, find_split_dirs, load_corpus, pair_files, prepare_16k,
                             speaker_split)
-from pycosdist.synth import synthesize_corpus
+from pycosdist.denoise.synth import synthesize_corpus
 
 
 def _wav(path, x, sr=16000, subtype="FLOAT"):

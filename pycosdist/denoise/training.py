@@ -303,6 +303,210 @@ def _resume_state(out_dir: Path, cfg: dict) -> dict | None:
     return ckpt
 
 
+def check_train_config(cfg: dict) -> dict:
+    """``cfg`` checked for everything a run needs before any data or model is touched."""
+    cfg = config_mod.check(cfg)
+    tc, kc = cfg["train"], cfg["kd"]
+    if tc["valid_metric"] not in ("loss", "pesq"):
+        raise ValueError(f"train.valid_metric: expected 'loss' or 'pesq', got {tc['valid_metric']!r}")
+    for key in ("epochs", "batch_size"):
+        if tc[key] < 1:
+            raise ValueError(f"train.{key}: expected >= 1, got {tc[key]}")
+    if kc["method"] not in distill.METHODS:
+        raise ValueError(f"kd.method: expected one of {list(distill.METHODS)}, got {kc['method']!r}")
+    if cfg["data"]["remix"] and kc["method"] != "none" and kc["teacher_cache"]:
+        raise ValueError("data.remix: remixed inputs change every step, so cached teacher latents would not match "
+                         "them; set kd.teacher_cache=false or data.remix=false")
+    if kc["method"] != "none" and not kc["teacher"]:
+        raise ValueError(f"kd.teacher: KD method {kc['method']!r} needs a teacher checkpoint")
+    return cfg
+
+
+class Run:
+    """Everything one training run holds: data, model, KD, optimizer, progress so far.
+
+    Built by :meth:`setup` (which also resumes from ``last.pt``); :func:`train` then drives it epoch by
+    epoch through :meth:`train_epoch`, :meth:`validate` and :meth:`save_epoch`.
+    """
+
+    def __init__(self, cfg: dict, data_dir, out_dir, progress: bool, log: Callable[[str], None]):
+        from . import data
+
+        self.cfg, self.tc, self.kc = cfg, cfg["train"], cfg["kd"]
+        self.rank, self.world = init_distributed()
+        if self.tc["batch_size"] % self.world:
+            raise ValueError(f"train.batch_size: the global batch ({self.tc['batch_size']}) must be divisible by "
+                             f"the number of processes ({self.world})")
+        if self.rank != 0:  # rank 0 alone talks and writes
+            progress, log = False, (lambda *_: None)
+        self.progress, self.log = progress, log
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.threads = set_threads(self.tc["threads"])
+        seed_everything(self.tc["seed"])
+
+        self.corpus = data.load_corpus(data_dir, valid_speakers=cfg["data"]["valid_speakers"],
+                                       segment_seconds=None, seed=self.tc["seed"])
+        if len(self.corpus.train) == 0 or len(self.corpus.valid) == 0:
+            raise ValueError(f"data {data_dir}: need training and validation files, got {len(self.corpus.train)} "
+                             f"and {len(self.corpus.valid)} (data.valid_speakers = {cfg['data']['valid_speakers']})")
+        self.crops = FrameAlignedCrops(self.corpus.train, cfg["data"]["segment_seconds"], self.tc["seed"])
+        self.frames = self.crops.segment // HOP + 1
+        self._build_model_and_kd()
+        self._build_optimizer()
+        self.history, self.best, self.start_epoch = [], None, 0
+        self.cache: TeacherLatentCache | None = None
+
+    # --- set-up ------------------------------------------------------------------------------------
+    def _build_model_and_kd(self) -> None:
+        self.model = build_model(model_config(self.cfg))
+        self.teacher, self.kd = None, None
+        if self.kc["method"] != "none":
+            self.teacher = distill.freeze(load_model(self.kc["teacher"])[0])
+            self.kd = distill.make_kd_loss(self.kc["method"], self.model.latent_shape(self.frames),
+                                           self.teacher.latent_shape(self.frames), expansion=self.kc["expansion"],
+                                           bias=self.kc["bias"], eps=self.kc["eps"])
+        self.step_module = _Step(self.model, self.kd)
+        self.params = list(self.step_module.parameters())
+
+    def _build_optimizer(self) -> None:
+        tc = self.tc
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc["lr"], weight_decay=tc["weight_decay"])
+        total_steps = tc["epochs"] * math.ceil(len(self.crops) / tc["batch_size"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(total_steps, tc["warmup_steps"], tc["min_lr_ratio"]))
+
+    def resume(self) -> None:
+        """Loads ``last.pt`` if the run directory has one (same configuration required)."""
+        ckpt = _resume_state(self.out_dir, self.cfg)
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            if self.kd is not None:
+                self.kd.load_state_dict(ckpt["kd"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.history, self.best, self.start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
+            set_rng_state(ckpt["rng"])
+            if self.start_epoch < self.tc["epochs"]:
+                self.log(f"resuming {self.out_dir} after epoch {self.start_epoch}")
+        if self.rank == 0:
+            write_text_atomic(self.out_dir / "config.toml", config_mod.to_toml(self.cfg))
+        if self.world > 1:  # after a resume every rank holds the same state; DDP broadcasts rank 0's
+            self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
+
+    def cache_teacher_latents(self) -> None:
+        if self.teacher is None or not self.kc["teacher_cache"]:
+            return
+        t0 = time.perf_counter()
+        self.cache = TeacherLatentCache(self.teacher, self.crops, self.progress)
+        self.log(f"teacher latents cached: {len(self.crops)} utterances, {self.cache.nbytes() / 2**20:.0f} MiB, "
+                 f"{time.perf_counter() - t0:.1f} s")
+
+    # --- one epoch ---------------------------------------------------------------------------------
+    def local_batches(self, epoch: int):
+        """This rank's share of each global batch, with the weight that makes DDP's average of the
+        local means the global batch mean (a global batch smaller than the world is dropped)."""
+        batches = [b for b in epoch_batches(len(self.crops), self.tc["batch_size"], self.tc["seed"], epoch)
+                   if len(b) >= self.world]
+        for global_idx in batches:
+            idx = global_idx[self.rank::self.world]
+            yield idx, len(idx) * self.world / len(global_idx)
+
+    def load_batch(self, idx, epoch: int, step: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(noisy (B, segment), clean (B, segment), teacher latent (B, C, F', T) or None)."""
+        items = [self.crops[int(i)] for i in idx]
+        noisy = torch.stack([it[0] for it in items])
+        clean = torch.stack([it[1] for it in items])
+        if self.cfg["data"]["remix"]:
+            noisy, clean = remix(noisy, clean, np.random.default_rng([self.tc["seed"], epoch, step, 2]))
+        t_lat = None
+        if self.kd is not None:
+            t_lat = (self.cache.get([it[2] for it in items], [it[3] for it in items], self.frames)
+                     if self.cache is not None else distill.teacher_latent(self.teacher, noisy))
+        return noisy, clean, t_lat
+
+    def compute_loss(self, noisy: Tensor, clean: Tensor, t_lat: Tensor | None) -> dict[str, Tensor]:
+        enhanced, spec, kd_value = self.step_module(noisy, t_lat)
+        task = distill.task_loss(spec, enhanced, clean, self.model.stft, self.cfg["loss"]["wave_weight"])
+        loss = task + self.kc["lambda"] * kd_value if self.kd is not None else task
+        return {"loss": loss, "task": task, "kd": kd_value}
+
+    def check_finite(self, losses: dict[str, Tensor], epoch: int, step: int) -> None:
+        if _all_sum([0.0 if torch.isfinite(losses["loss"]) else 1.0], self.world)[0]:  # every rank stops together
+            raise FloatingPointError(
+                f"epoch {epoch + 1}, step {step}: loss is not finite on some rank (here {losses['loss'].item()}: "
+                f"task {losses['task'].item()}, kd {losses['kd'].item()}); lower train.lr?")
+
+    def optimizer_step(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.tc["grad_clip"] > 0:
+            nn.utils.clip_grad_norm_(self.params, self.tc["grad_clip"])
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training crops; returns the epoch's mean losses (over all ranks)."""
+        from tqdm import tqdm
+
+        self.model.train()
+        self.crops.set_epoch(epoch)
+        sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}
+        batches = list(self.local_batches(epoch))
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.tc['epochs']}", unit="batch", disable=not self.progress,
+                   leave=False)
+        for step, (idx, share) in enumerate(bar, 1):
+            losses = self.compute_loss(*self.load_batch(idx, epoch, step))
+            self.check_finite(losses, epoch, step)
+            self.optimizer_step(losses["loss"] * share)
+            for k, v in losses.items():
+                sums[k] += v.item() * share / self.world  # summed over ranks below: the global batch mean
+            bar.set_postfix({k: f"{v / step:.4f}" for k, v in sums.items()})
+        sums = dict(zip(sums, _all_sum(list(sums.values()), self.world)))
+        return {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                **{f"train_{k}": v / len(batches) for k, v in sums.items()}}
+
+    def validate(self, epoch: int) -> dict:
+        """Validation scores (rank 0 computes, every rank receives them)."""
+        scores = [validate(self.model, self.corpus.valid, self.cfg, self.out_dir, epoch + 1) if self.rank == 0
+                  else None]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(scores, src=0)
+        return scores[0]
+
+    def save_epoch(self, row: dict) -> None:
+        """Marks the best epoch, writes last.pt (and best.pt), the history, and logs the epoch."""
+        metric = self.tc["valid_metric"]
+        score = row["valid_loss" if metric == "loss" else "valid_pesq"]
+        row["best"] = _better(metric, score, None if self.best is None else self.best["score"])
+        if row["best"]:
+            self.best = {"epoch": row["epoch"], "metric": metric, "score": score}
+        self.history.append(row)
+        if self.rank == 0:
+            state = self.checkpoint_state(row["epoch"])
+            save_checkpoint(state, self.out_dir / "last.pt")
+            if row["best"]:
+                save_checkpoint(state, self.out_dir / "best.pt")
+            write_history(self.out_dir, self.history)
+        _barrier(self.world)  # a resume of any rank finds this epoch's checkpoint
+        scores = "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_", "valid_")) and v is not None)
+        self.log(f"epoch {row['epoch']}/{self.tc['epochs']}  {scores}  ({row['seconds']:.1f} s)"
+                 f"{'  *best' if row['best'] else ''}")
+
+    def checkpoint_state(self, epoch: int) -> dict:
+        return {
+            "format": "pycosdist", "version": CHECKPOINT_VERSION, "config": self.cfg,
+            "model_config": self.model.config.to_dict(), "model": self.model.state_dict(),
+            "kd": self.kd.state_dict() if self.kd is not None else None, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
+            "history": self.history, "best": self.best,
+        }
+
+    def summary(self) -> dict:
+        return {"out_dir": str(self.out_dir), "params": count_parameters(self.model), "threads": self.threads,
+                "history": self.history, "best": self.best}
+
+
 def train(cfg: dict, data_dir, out_dir, progress: bool = True,
           on_epoch_end: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
     """Trains the model of ``cfg`` (a teacher, or a student distilled with ``kd.method``) on the
@@ -311,153 +515,18 @@ def train(cfg: dict, data_dir, out_dir, progress: bool = True,
     ``on_epoch_end(row)`` is called after each epoch's checkpoint is written (an exception there
     stops training like a crash would). Returns ``{"out_dir", "history", "best", "params", ...}``.
     """
-    from tqdm import tqdm
-
-    from . import data
-
-    cfg = config_mod.check(cfg)
-    tc, kc = cfg["train"], cfg["kd"]
-    if tc["valid_metric"] not in ("loss", "pesq"):
-        raise ValueError(f"train.valid_metric: expected 'loss' or 'pesq', got {tc['valid_metric']!r}")
-    for key in ("epochs", "batch_size"):
-        if tc[key] < 1:
-            raise ValueError(f"train.{key}: expected >= 1, got {tc[key]}")
-    method = kc["method"]
-    if method not in distill.METHODS:
-        raise ValueError(f"kd.method: expected one of {list(distill.METHODS)}, got {method!r}")
-    if cfg["data"]["remix"] and method != "none" and kc["teacher_cache"]:
-        raise ValueError("data.remix: remixed inputs change every step, so cached teacher latents would not match "
-                         "them; set kd.teacher_cache=false or data.remix=false")
-    if method != "none" and not kc["teacher"]:
-        raise ValueError(f"kd.teacher: KD method {method!r} needs a teacher checkpoint")
-    rank, world = init_distributed()
-    if tc["batch_size"] % world:
-        raise ValueError(f"train.batch_size: the global batch ({tc['batch_size']}) must be divisible by the "
-                         f"number of processes ({world})")
-    if rank != 0:  # rank 0 alone talks and writes
-        progress, log = False, (lambda *_: None)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    threads = set_threads(tc["threads"])
-    seed_everything(tc["seed"])
-
-    corpus = data.load_corpus(data_dir, valid_speakers=cfg["data"]["valid_speakers"], segment_seconds=None,
-                              seed=tc["seed"])
-    if len(corpus.train) == 0 or len(corpus.valid) == 0:
-        raise ValueError(f"data {data_dir}: need training and validation files, got {len(corpus.train)} and "
-                         f"{len(corpus.valid)} (data.valid_speakers = {cfg['data']['valid_speakers']})")
-    crops = FrameAlignedCrops(corpus.train, cfg["data"]["segment_seconds"], tc["seed"])
-    frames = crops.segment // HOP + 1
-
-    model = build_model(model_config(cfg))
-    teacher, kd, cache = None, None, None
-    if method != "none":
-        teacher = distill.freeze(load_model(kc["teacher"])[0])
-        kd = distill.make_kd_loss(method, model.latent_shape(frames), teacher.latent_shape(frames),
-                                  expansion=kc["expansion"], bias=kc["bias"], eps=kc["eps"])
-    step_module = _Step(model, kd)
-    params = list(step_module.parameters())
-    optimizer = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
-    batches_per_epoch = math.ceil(len(crops) / tc["batch_size"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(tc["epochs"] * batches_per_epoch, tc["warmup_steps"], tc["min_lr_ratio"]))
-
-    history, best, start = [], None, 0
-    ckpt = _resume_state(out_dir, cfg)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if kd is not None:
-            kd.load_state_dict(ckpt["kd"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        history, best, start = ckpt["history"], ckpt["best"], ckpt["epoch"]
-        set_rng_state(ckpt["rng"])
-        if start < tc["epochs"]:
-            log(f"resuming {out_dir} after epoch {start}")
-    if rank == 0:
-        write_text_atomic(out_dir / "config.toml", config_mod.to_toml(cfg))
-    if world > 1:  # after a resume: every rank holds the same state; DDP broadcasts rank 0's parameters
-        step_module = nn.parallel.DistributedDataParallel(step_module)
-    n_params = count_parameters(model)
-    summary = {"out_dir": str(out_dir), "params": n_params, "threads": threads}
-    if start >= tc["epochs"]:
-        log(f"{out_dir}: all {tc['epochs']} epochs already done")
-        return {**summary, "history": history, "best": best}
-
-    if teacher is not None and kc["teacher_cache"]:
+    run = Run(check_train_config(cfg), data_dir, out_dir, progress, log)
+    run.resume()
+    if run.start_epoch >= run.tc["epochs"]:
+        log(f"{run.out_dir}: all {run.tc['epochs']} epochs already done")
+        return run.summary()
+    run.cache_teacher_latents()
+    for epoch in range(run.start_epoch, run.tc["epochs"]):
         t0 = time.perf_counter()
-        cache = TeacherLatentCache(teacher, crops, progress)
-        log(f"teacher latents cached: {len(crops)} utterances, {cache.nbytes() / 2**20:.0f} MiB, "
-            f"{time.perf_counter() - t0:.1f} s")
-
-    wave_weight, lam = cfg["loss"]["wave_weight"], kc["lambda"]
-    for epoch in range(start, tc["epochs"]):
-        t0 = time.perf_counter()
-        model.train()
-        crops.set_epoch(epoch)
-        sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}
-        # Global batches; this rank's share of each (a global batch smaller than the world is dropped).
-        batches = [b for b in epoch_batches(len(crops), tc["batch_size"], tc["seed"], epoch) if len(b) >= world]
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tc['epochs']}", unit="batch", disable=not progress,
-                   leave=False)
-        for step, global_idx in enumerate(bar, 1):
-            idx = global_idx[rank::world]
-            share = len(idx) * world / len(global_idx)  # weights the local mean so DDP's average is the global mean
-            items = [crops[int(i)] for i in idx]
-            noisy = torch.stack([it[0] for it in items])  # (B, segment)
-            clean = torch.stack([it[1] for it in items])
-            if cfg["data"]["remix"]:
-                noisy, clean = remix(noisy, clean, np.random.default_rng([tc["seed"], epoch, step, 2]))
-            t_lat = None
-            if kd is not None:
-                t_lat = (cache.get([it[2] for it in items], [it[3] for it in items], frames) if cache is not None
-                         else distill.teacher_latent(teacher, noisy))
-            enhanced, spec, kd_value = step_module(noisy, t_lat)
-            task = distill.task_loss(spec, enhanced, clean, model.stft, wave_weight)
-            loss = task + lam * kd_value if kd is not None else task
-            if _all_sum([0.0 if torch.isfinite(loss) else 1.0], world)[0]:  # every rank stops together
-                raise FloatingPointError(f"epoch {epoch + 1}, step {step}: loss is not finite on some rank (here "
-                                         f"{loss.item()}: task {task.item()}, kd {kd_value.item()}); lower train.lr?")
-            optimizer.zero_grad(set_to_none=True)
-            (loss * share).backward()
-            if tc["grad_clip"] > 0:
-                nn.utils.clip_grad_norm_(params, tc["grad_clip"])
-            optimizer.step()
-            scheduler.step()
-            for k, v in (("loss", loss), ("task", task), ("kd", kd_value)):
-                sums[k] += v.item() * share / world  # summed over ranks below: the global batch mean
-            bar.set_postfix(loss=f"{sums['loss'] / step:.4f}", task=f"{sums['task'] / step:.4f}",
-                            kd=f"{sums['kd'] / step:.4f}")
-        n = len(batches)
-        sums = dict(zip(sums, _all_sum(list(sums.values()), world)))
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": sums["loss"] / n,
-               "train_task": sums["task"] / n, "train_kd": sums["kd"] / n}
-        scores = [validate(model, corpus.valid, cfg, out_dir, epoch + 1) if rank == 0 else None]
-        if world > 1:
-            torch.distributed.broadcast_object_list(scores, src=0)
-        row.update(scores[0])
-        metric = tc["valid_metric"]
-        score = row["valid_loss" if metric == "loss" else "valid_pesq"]
-        row["best"] = _better(metric, score, None if best is None else best["score"])
-        if row["best"]:
-            best = {"epoch": epoch + 1, "metric": metric, "score": score}
+        row = run.train_epoch(epoch)
+        row.update(run.validate(epoch))
         row["seconds"] = round(time.perf_counter() - t0, 2)
-        history.append(row)
-        state = {
-            "format": "pycosdist", "version": CHECKPOINT_VERSION, "config": cfg,
-            "model_config": model.config.to_dict(), "model": model.state_dict(),
-            "kd": kd.state_dict() if kd is not None else None, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": rng_state(),
-            "history": history, "best": best,
-        }
-        if rank == 0:
-            save_checkpoint(state, out_dir / "last.pt")
-            if row["best"]:
-                save_checkpoint(state, out_dir / "best.pt")
-            write_history(out_dir, history)
-        _barrier(world)  # a resume of any rank finds this epoch's checkpoint
-        scores = "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith(("train_", "valid_")) and v is not None)
-        log(f"epoch {epoch + 1}/{tc['epochs']}  {scores}  ({row['seconds']:.1f} s){'  *best' if row['best'] else ''}")
+        run.save_epoch(row)
         if on_epoch_end is not None:
             on_epoch_end(row)
-    return {**summary, "history": history, "best": best}
+    return run.summary()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pycosdist import evaluation
-from pycosdist.data import load_corpus
-from pycosdist.evaluation import ScoreResult, evaluate, evaluate_noisy, safe_score, score_pair, si_sdr
-from pycosdist.synth import synthesize_corpus
+from pycosdist.denoise import evaluation
+from pycosdist.denoise.data import load_corpus
+from pycosdist.denoise.evaluation import ScoreResult, evaluate, evaluate_noisy, safe_score, score_pair, si_sdr
+from pycosdist.denoise.synth import synthesize_corpus
 
 
 @pytest.fixture(scope="module")

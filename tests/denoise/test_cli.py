@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pycosdist import config, report
-from pycosdist.cli import main
+from pycosdist.denoise import config, demo, report
+from pycosdist.denoise.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--set", "model.channels=[4, 8]", "--set", "model.kernel_size=[3, 3]", "--set", "model.bottleneck_layers=1",
         "--set", "data.segment_seconds=0.5", "--set", "data.valid_speakers=1", "--set", "train.batch_size=2",
         "--set", "train.epochs=1", "--set", "train.threads=1"]
@@ -82,14 +82,14 @@ def test_cli_errors_name_the_problem(runs, capsys):
 
 
 def test_shipped_configs_load_and_match_the_demo_recipe():
-    from pycosdist import experiment
+    from pycosdist.denoise import experiment
 
     configs = sorted((ROOT / "configs").glob("*.toml"))
     assert configs
     for path in configs:  # every key known and typed
         experiment.load_config(path) if path.name.startswith("experiment") else config.load_config(path)
-    assert config.load_config(ROOT / "configs" / "teacher_demo.toml") == report.demo_config("teacher")
-    assert config.load_config(ROOT / "configs" / "student_demo.toml") == report.demo_config("student")
+    assert config.load_config(ROOT / "configs" / "teacher_demo.toml") == demo.demo_config("teacher")
+    assert config.load_config(ROOT / "configs" / "student_demo.toml") == demo.demo_config("student")
 
 
 def test_paired_gain_matches_numpy_and_skips_failed_files(tmp_path):

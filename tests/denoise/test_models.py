@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pycosdist.models import (HOP, N_FFT, PRESETS, UNetConfig, UNetDenoiser, build_model, count_macs,
+from pycosdist.denoise.models import (HOP, N_FFT, PRESETS, UNetConfig, UNetDenoiser, build_model, count_macs,
                               count_parameters, preset)
 
 TINY = UNetConfig(channels=(4, 6, 8), kernel_size=(3, 3), bottleneck_layers=2)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pycosdist import distill
-from pycosdist.models import UNetConfig, UNetDenoiser, compress
+from pycosdist.denoise import distill
+from pycosdist.denoise.models import UNetConfig, UNetDenoiser, compress
 
 B, CS, FS, CT, FT, T = 2, 3, 5, 4, 3, 7  # D_s = 15, D_t = 12, e * D_s = 60
 

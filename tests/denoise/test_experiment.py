@@ -5,8 +5,8 @@ import csv
 import numpy as np
 import pytest
 
-from pycosdist import experiment, training
-from pycosdist.cli import main
+from pycosdist.denoise import experiment, training
+from pycosdist.denoise.cli import main
 
 TINY = """
 [experiment]

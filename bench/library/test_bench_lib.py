@@ -1,6 +1,6 @@
 """pytest-benchmark suite: fused LIB + cosine distance loss forward + backward vs the unfused
 reference, eager and torch.compile'd, and lib_projection vs two F.linear calls (one benchmark
-group per case). Memory is measured by bench/bench_lib.py.
+group per case). Memory is measured by bench/library/bench_lib.py.
 
     PYTHONPATH=. .venv/bin/pytest -q bench/test_bench_lib.py
 """

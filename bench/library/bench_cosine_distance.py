@@ -1,7 +1,7 @@
 """Benchmark: fused cosine_distance loss (forward + backward) on CPU vs the pure-PyTorch
 reference, eager and torch.compile'd, in one run, against the copy-bandwidth ceiling.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_cosine_distance.py [--quick]
+    PYTHONPATH=. .venv/bin/python bench/library/bench_cosine_distance.py [--quick]
 
 "eager" and "compile" run pycosdist.reference.cosine_distance_loss; "F.cos_sim" is the common
 eager idiom (1 - F.cosine_similarity(s, t)).mean(). Prints a Markdown table and writes
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import copy_bandwidth_gbs, format_table, machine_description, median_time, write_csv  # noqa: E402
 
 import pycosdist  # noqa: E402

@@ -1,6 +1,6 @@
 """Benchmark: throughput (samples/s) of one cosine_lib distillation training step on CPU.
 
-    python bench/bench_train_step.py [--quick]
+    python bench/denoise/bench_train_step.py [--quick]
 
 The step: student forward (demo student preset) + task loss + KD loss + backward + AdamW step, on a
 batch of 8 two-second crops, the frozen demo teacher's latent either taken from a precomputed cache
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import format_table, machine_description, median_time, write_csv  # noqa: E402
 
-from pycosdist import distill  # noqa: E402
-from pycosdist.models import HOP, build_model  # noqa: E402
+from pycosdist.denoise import distill  # noqa: E402
+from pycosdist.denoise.models import HOP, build_model  # noqa: E402
 from pycosdist.nn import CosineLIBDistillationLoss  # noqa: E402
 
 BATCH, SECONDS = 8, 2.0
