@@ -18,6 +18,13 @@ TORCH_LIBRARY(pycosdist, m) {
   //   grad_teacher is empty unless teacher_grad.
   m.def("cosine_distance_backward(Tensor grad_distance, Tensor student, Tensor teacher, "
         "Tensor row_stats, int dim, float eps, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+  // One pass for reduction 'mean' / 'sum' under autograd: the per-row distances AND the gradients of
+  // grad_scale * sum(distance) w.r.t. student (if student_grad) and teacher (if teacher_grad), from one
+  // read of student and teacher. A gradient not asked for comes back empty. The autograd backward
+  // only scales the returned gradients by the upstream scalar.
+  m.def("cosine_distance_forward_with_grad(Tensor student, Tensor teacher, int dim, float eps, "
+        "float grad_scale, bool student_grad, bool teacher_grad) "
+        "-> (Tensor distance, Tensor grad_student, Tensor grad_teacher)");
 
   // Linear inverted bottleneck p = W2 (W1 x + b1) + b2, no activation.
   //   input: (..., D_s); w1: (E, D_s); b1: (E) or None; w2: (D_t, E); b2: (D_t) or None
