@@ -58,7 +58,7 @@ def test_two_gloo_ranks_match_one_process_with_the_combined_batch(setup):
 
 def test_batch_must_split_evenly_over_ranks(setup, monkeypatch):
     d, corpus = setup
-    monkeypatch.setattr(training, "init_distributed", lambda: (0, 3))
+    monkeypatch.setattr(training, "init_distributed", lambda backend="gloo": (0, 3))
     with pytest.raises(ValueError, match=r"train.batch_size: the global batch \(4\) must be divisible by the number "
                                          r"of processes \(3\)"):
         training.train(training.config_mod.load_config(overrides=["train.batch_size=4"]), corpus, d / "bad")
