@@ -213,10 +213,11 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _all_sum(values: list[float], world: int) -> list[float]:
+def _all_sum(values: list[float], world: int, device: torch.device | str = "cpu") -> list[float]:
+    """Sums over ranks; ``device``: the training device (NCCL reduces CUDA tensors only)."""
     if world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
 
@@ -593,7 +594,7 @@ class Run:
         return {"loss": loss, "task": task, "kd": kd_value}
 
     def check_finite(self, losses: dict[str, Tensor], epoch: int, step: int) -> None:
-        if _all_sum([0.0 if torch.isfinite(losses["loss"]) else 1.0], self.world)[0]:  # every rank stops together
+        if _all_sum([0.0 if torch.isfinite(losses["loss"]) else 1.0], self.world, self.device)[0]:  # every rank stops together
             raise FloatingPointError(
                 f"epoch {epoch + 1}, step {step}: loss is not finite on some rank (here {losses['loss'].item()}: "
                 f"task {losses['task'].item()}, kd {losses['kd'].item()}); lower train.lr?")
@@ -625,7 +626,7 @@ class Run:
             for k, v in losses.items():
                 sums[k] += v.item() * share / self.world  # summed over ranks below: the global batch mean
             bar.set_postfix({k: f"{v / step:.4f}" for k, v in sums.items()})
-        sums = dict(zip(sums, _all_sum(list(sums.values()), self.world)))
+        sums = dict(zip(sums, _all_sum(list(sums.values()), self.world, self.device)))
         return {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                 **{f"train_{k}": v / n_batches for k, v in sums.items()}}
 
