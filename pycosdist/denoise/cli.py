@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split", choices=("test", "valid"), default="test")
     p.add_argument("--workers", type=int, default=2, help="scoring processes")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu (the default), auto (CUDA if available), cuda, cuda:N")
+    p.add_argument("--device", default="cpu",
+                   help="where the models run: cpu (the default), auto (CUDA if available), cuda, cuda:N")
 
     p = sub.add_parser("enhance", help="denoise audio files (any rate / channels; written as 16 kHz mono)")
     p.add_argument("inputs", type=Path, nargs="+", help="audio files or folders (searched recursively)")

@@ -169,11 +169,12 @@ def to_cpu(obj):
 
 def loader_workers(device: torch.device) -> int:
     """DataLoader worker processes: none on CPU (the cores compute the steps, and the in-process
-    loading is today's exact behaviour); on CUDA up to 4, so crops are cut while the GPU computes."""
+    loading is today's exact behaviour); on CUDA up to 4 per process, so crops are cut while the GPU
+    computes, sharing the cores with the other processes of the node (torchrun's LOCAL_WORLD_SIZE)."""
     if device.type != "cuda":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores - 1))
+    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 # --- distributed -----------------------------------------------------------------------------------
@@ -594,7 +595,8 @@ class Run:
         return {"loss": loss, "task": task, "kd": kd_value}
 
     def check_finite(self, losses: dict[str, Tensor], epoch: int, step: int) -> None:
-        if _all_sum([0.0 if torch.isfinite(losses["loss"]) else 1.0], self.world, self.device)[0]:  # every rank stops together
+        stop = _all_sum([0.0 if torch.isfinite(losses["loss"]) else 1.0], self.world, self.device)[0]
+        if stop:  # every rank stops together
             raise FloatingPointError(
                 f"epoch {epoch + 1}, step {step}: loss is not finite on some rank (here {losses['loss'].item()}: "
                 f"task {losses['task'].item()}, kd {losses['kd'].item()}); lower train.lr?")
