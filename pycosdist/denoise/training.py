@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import json
 import math
@@ -205,7 +206,9 @@ def init_distributed(backend: str = "gloo") -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    dist.init_process_group(backend)
+    # The other ranks wait while rank 0 validates alone (PESQ scoring can take many minutes): a long
+    # timeout instead of NCCL's default 10 minutes.
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size()
 
 
