@@ -57,12 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split", choices=("test", "valid"), default="test")
     p.add_argument("--workers", type=int, default=2, help="scoring processes")
+    p.add_argument("--device", default="cpu",
+                   help="where the models run: cpu (the default), auto (CUDA if available), cuda, cuda:N")
 
     p = sub.add_parser("enhance", help="denoise audio files (any rate / channels; written as 16 kHz mono)")
     p.add_argument("inputs", type=Path, nargs="+", help="audio files or folders (searched recursively)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="a training checkpoint (.pt) or an exported model (.ts, .onnx; see `pycosdist export`)")
+    p.add_argument("--device", default="cpu",
+                   help="where a .pt model runs: cpu (the default), auto (CUDA if available), cuda, cuda:N; "
+                        "exported models run on the CPU")
 
     p = sub.add_parser("export", help="export a trained model's mask net (TorchScript, ONNX) for small devices")
     p.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (e.g. RUN/best.pt)")
@@ -110,21 +115,25 @@ def cmd_enhance(args) -> int:
     import torch
 
     from . import audio
-    from .training import load_model, set_threads
+    from .training import load_model, resolve_device, set_threads
 
     set_threads(0)
+    device = resolve_device(args.device, arg="--device")
     if args.checkpoint.suffix.lower() in (".ts", ".onnx"):
         from .export import ExportedDenoiser
 
+        if device.type != "cpu" and args.device != "auto":
+            raise ValueError(f"--device: exported models (.ts, .onnx) run on the CPU, got {args.device!r}")
+        device = torch.device("cpu")
         model = ExportedDenoiser(args.checkpoint)
     else:
-        model, _ = load_model(args.checkpoint)
+        model = load_model(args.checkpoint)[0].to(device)
     jobs = _collect_audio(args.inputs)
     for src, rel in jobs:
         x, sr = audio.read_audio(src)
         noisy = torch.from_numpy(audio.to_mono_16k(x, sr))
         with torch.no_grad():
-            y = model(noisy[None])[0].numpy()
+            y = model(noisy[None].to(device))[0].cpu().numpy()
         dst = audio.write_audio(args.out / rel, y, audio.SAMPLE_RATE)
         print(f"{src} ({x.shape[0]} ch, {sr} Hz) -> {dst}")
     return 0
@@ -132,9 +141,10 @@ def cmd_enhance(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from . import data, report
-    from .training import set_threads
+    from .training import resolve_device, set_threads
 
     set_threads(0)
+    device = resolve_device(args.device, arg="--device")
     corpus = data.load_corpus(args.data)
     dataset = corpus.test if args.split == "test" else corpus.valid
     labels = {}
@@ -143,7 +153,8 @@ def cmd_evaluate(args) -> int:
         while label in labels:
             label += "_"
         labels[label] = path
-    rows = report.evaluate_checkpoints(labels, dataset, args.out, workers=args.workers, progress=True)
+    rows = report.evaluate_checkpoints(labels, dataset, args.out, workers=args.workers, progress=True,
+                                       device=device)
     report.write_results(args.out, rows, {"data": str(args.data), "split": args.split,
                                           "checkpoints": {k: str(v) for k, v in labels.items()}})
     print(report.text_table(rows))

@@ -37,6 +37,8 @@ DEFAULTS: dict[str, dict] = {
         "threads": 0,  # torch intra-op threads; 0 = one per CPU core
         "valid_metric": "loss",  # selects best.pt: "loss" (valid task loss, lower is better) or "pesq"
         "eval_workers": 2,  # processes scoring PESQ/STOI when valid_metric = "pesq"
+        "device": "auto",  # "auto" (CUDA if available, else CPU) | "cpu" | "cuda" | "cuda:N"; torchrun: cuda:LOCAL_RANK
+        "amp": "none",  # mixed precision: "none" | "bf16" (CPU or CUDA) | "fp16" (CUDA only, with a GradScaler)
     },
     "loss": {
         "wave_weight": 10.0,  # task loss = L1(|Y|^0.3, |S|^0.3) + wave_weight * L1(y, s)

@@ -119,10 +119,11 @@ def freeze(teacher: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def teacher_latent(teacher: UNetDenoiser, noisy: Tensor) -> Tensor:
-    """The frozen teacher's latent (B, C, F', T) of ``noisy`` (B, n): a constant (no graph)."""
+    """The frozen teacher's latent (B, C, F', T) of ``noisy`` (B, n): a constant (no graph), on the
+    teacher's device (``noisy`` is moved there; the teacher-latent cache lives on that device)."""
     if teacher.training:
         raise RuntimeError("teacher_latent: the teacher must be frozen (call distill.freeze(teacher) first)")
-    return teacher.latent(noisy)
+    return teacher.latent(noisy.to(next(teacher.parameters()).device))
 
 
 def task_loss(enhanced_spec: Tensor, enhanced: Tensor, clean: Tensor, stft, wave_weight: float = 10.0) -> Tensor:

@@ -245,7 +245,7 @@ def count_macs(model: nn.Module, seconds: float = 1.0) -> int:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, int(round(seconds * SAMPLE_RATE))))
+            model(torch.zeros(1, int(round(seconds * SAMPLE_RATE)), device=next(model.parameters()).device))
     finally:
         model.train(was_training)
         for h in handles:

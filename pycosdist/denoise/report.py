@@ -55,9 +55,9 @@ def write_results(out_dir, rows: list[dict], extra: dict | None = None, columns=
 
 # --- evaluation of checkpoints ---------------------------------------------------------------------
 def evaluate_checkpoints(checkpoints: dict, dataset, out_dir, workers: int = 2, with_noisy: bool = True,
-                         progress: bool = False) -> list[dict]:
+                         progress: bool = False, device="cpu") -> list[dict]:
     """One row per ``{label: checkpoint path}`` (and first the noisy input): params, MACs, mean
-    PESQ / STOI / SI-SDR over ``dataset`` (per-file scores in ``out_dir``)."""
+    PESQ / STOI / SI-SDR over ``dataset`` (per-file scores in ``out_dir``); the models run on ``device``."""
     from . import evaluation
     from .models import count_macs, count_parameters
     from .training import load_model
@@ -69,7 +69,8 @@ def evaluate_checkpoints(checkpoints: dict, dataset, out_dir, workers: int = 2, 
                      **{m: s[m] for m in METRICS}, "n_ok": s["n_ok"], "n_failed": s["n_failed"]})
     for label, path in checkpoints.items():
         model, ckpt = load_model(path)
-        s = evaluation.evaluate(lambda x: model(x[None])[0], dataset, out_dir, label.replace(" ", "_"),
+        model = model.to(device)
+        s = evaluation.evaluate(lambda x: model(x[None].to(device))[0], dataset, out_dir, label.replace(" ", "_"),
                                 workers=workers, progress=progress)
         rows.append({"model": label, "method": ckpt["config"]["kd"]["method"],
                      "preset": ckpt["config"]["model"]["preset"], "params": count_parameters(model),

@@ -15,14 +15,23 @@ Data: training examples are crops of ``data.segment_seconds`` taken at a random 
 multiple of the STFT hop ("frame-aligned"), drawn from an RNG seeded by (seed, epoch, index), and
 the batch order is a permutation seeded by (seed, epoch): both are reproducible after a resume.
 
-Distributed: under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) :func:`train` joins a gloo
-process group and wraps model AND KD module (the LIB of ``cosine_lib``, the FitNets adapter) in one
-DistributedDataParallel, so their gradients are averaged together. ``train.batch_size`` stays the
-global batch: rank r takes items r, r+N, ... of every global batch, and its loss is weighted by its
-share, so the averaged gradient is the single-process gradient of the combined batch. Rank 0 alone
-validates, logs and writes checkpoints; the others wait at a barrier. BatchNorm statistics are per
-rank (SyncBatchNorm needs a GPU); ``model.norm = "group"`` makes a CPU DDP run exactly the
-single-process run. The loop runs on CPU.
+Devices (``train.device``, :func:`resolve_device`): ``auto`` (CUDA if available, else CPU), ``cpu``,
+``cuda``, ``cuda:N``. Model, KD module, teacher and teacher-latent cache live on that device; on CUDA
+DataLoader workers cut the crops into pinned memory (the same batches as the in-process loading on
+CPU). Checkpoints hold CPU tensors only, so a run continues, and a model loads, on any device.
+Mixed precision (``train.amp``): ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with a GradScaler whose
+state is checkpointed) autocasts the student's forward and the task loss; the KD term is computed in
+float32 from float32 casts of both latents, and validation runs in float32.
+
+Distributed: under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) :func:`train` joins a process
+group (NCCL on CUDA with rank r on ``cuda:LOCAL_RANK``, gloo on CPU) and wraps model AND KD module
+(the LIB of ``cosine_lib``, the FitNets adapter) in one DistributedDataParallel, so their gradients
+are averaged together. ``train.batch_size`` stays the global batch: rank r takes items r, r+N, ... of
+every global batch, and its loss is weighted by its share, so the averaged gradient is the
+single-process gradient of the combined batch. Rank 0 alone validates, logs and writes checkpoints;
+the others wait at a barrier. On CUDA, BatchNorm layers become SyncBatchNorm (statistics over the
+global batch); on CPU they stay per rank (SyncBatchNorm has no CPU implementation), and
+``model.norm = "group"`` makes a CPU DDP run exactly the single-process run.
 
 Teacher-latent cache (``kd.teacher_cache``): the frozen teacher's encoder runs ONCE per training
 utterance on the whole utterance (zero-padded to at least one crop) and its latent (C, F', T_utt) is
@@ -36,7 +45,9 @@ teacher, 240 MB for the demo corpus). ``teacher_cache = false`` runs the teacher
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import io
 import json
 import math
@@ -87,17 +98,117 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
+# --- devices and mixed precision -------------------------------------------------------------------
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def resolve_device(spec: str, local_rank: int = 0, world: int = 1, cuda_available: bool | None = None,
+                   cuda_count: int | None = None, arg: str = "train.device") -> torch.device:
+    """The device a ``train.device`` setting means for this process.
+
+    ``"auto"``: CUDA when available, else CPU; ``"cpu"``; ``"cuda"``; ``"cuda:N"``. With several
+    processes (torchrun, ``world`` > 1) a CUDA run puts rank ``local_rank`` on ``cuda:local_rank``, so
+    ``"cuda:N"`` (one GPU for every rank) is refused there. ``cuda_available`` / ``cuda_count``
+    default to what torch sees (parameters so that the decision is testable without a GPU); ``arg``
+    names the setting in error messages.
+    """
+    if not isinstance(spec, str) or not (spec in ("auto", "cpu", "cuda") or
+                                         (spec.startswith("cuda:") and spec[5:].isdigit())):
+        raise ValueError(f"{arg}: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if spec == "cpu" or (spec == "auto" and not cuda_available):
+        return torch.device("cpu")
+    if not cuda_available:
+        raise ValueError(f"{arg}: {spec!r} needs CUDA, but this torch ({torch.__version__}) sees no CUDA device; "
+                         f"use {arg}=cpu (or auto)")
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count()
+    if spec.startswith("cuda:"):
+        if world > 1:
+            raise ValueError(f"{arg}: {spec!r} names one GPU, but under torchrun each of the {world} processes uses "
+                             f"cuda:LOCAL_RANK; use {arg}=cuda (or auto)")
+        index = int(spec[5:])
+    else:
+        index = local_rank if world > 1 else 0  # cuda:0 of the visible devices (CUDA_VISIBLE_DEVICES)
+    if index >= cuda_count:
+        raise ValueError(f"{arg}: {spec!r} needs cuda:{index}, but only {cuda_count} CUDA device(s) are visible"
+                         + (f" (torchrun LOCAL_RANK {local_rank}: start at most {cuda_count} processes per node)"
+                            if world > 1 else ""))
+    return torch.device("cuda", index)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of ``train.amp`` on ``device`` (None: full float32).
+
+    fp16 is refused on CPU: CPU autocast to float16 is slow or unsupported for several ops and
+    float16 needs loss scaling; bf16 (same exponent range as float32, no scaling) is the CPU choice."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"train.amp: expected one of {list(AMP_MODES)}, got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"train.amp: 'fp16' needs a CUDA device, but train.device resolved to {device}; "
+                         "use train.amp=bf16 (or none) on CPU")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def to_cpu(obj):
+    """``obj`` (nested dicts / lists / tuples of tensors and plain values) with every tensor on the
+    CPU, so a checkpoint written by a GPU run loads anywhere. CPU tensors are returned as they are."""
+    if isinstance(obj, Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state_dict's per-module versions (read by load_state_dict)
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(to_cpu(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def loader_workers(device: torch.device) -> int:
+    """DataLoader worker processes: none on CPU (the cores compute the steps, and the in-process
+    loading is today's exact behaviour); on CUDA up to 4 per process, so crops are cut while the GPU
+    computes, sharing the cores with the other processes of the node (torchrun's LOCAL_WORLD_SIZE)."""
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
 # --- distributed -----------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int]:
+def distributed_env() -> tuple[int, int]:
+    """(local rank, world size) as torchrun sets them; (0, 1) in a plain process."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def dist_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors (gloo's CUDA all-reduce goes through host memory), gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def use_sync_batchnorm(module: nn.Module, device: torch.device, world: int) -> bool:
+    """Whether DDP should convert ``module``'s BatchNorm layers to SyncBatchNorm (statistics over the
+    global batch): only with several processes, on CUDA (SyncBatchNorm has no CPU implementation),
+    and only if there is a BatchNorm to convert (``model.norm = "group"`` has none)."""
+    return (world > 1 and device.type == "cuda"
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()))
+
+
+def init_distributed(backend: str = "gloo") -> tuple[int, int]:
     """(rank, world size): (0, 1) in a plain process; under torchrun (``WORLD_SIZE`` > 1) joins the
-    gloo process group first if it is not joined yet."""
+    process group (``backend``: see :func:`dist_backend`) first if it is not joined yet."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    dist.init_process_group("gloo")  # the loop runs on CPU
+    # The other ranks wait while rank 0 validates alone (PESQ scoring can take many minutes): a long
+    # timeout instead of NCCL's default 10 minutes.
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -106,10 +217,11 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _all_sum(values: list[float], world: int) -> list[float]:
+def _all_sum(values: list[float], world: int, device: torch.device | str = "cpu") -> list[float]:
+    """Sums over ranks; ``device``: the training device (NCCL reduces CUDA tensors only)."""
     if world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
 
@@ -122,8 +234,15 @@ class _Step(nn.Module):
         self.model, self.kd = model, kd
 
     def forward(self, noisy: Tensor, teacher_latent: Tensor | None):
+        # noisy: (B, n); teacher_latent: (B, C_t, F_t, T) or None
         enhanced, latent, spec = self.model.enhance_with_latent(noisy)
-        kd_value = self.kd(latent, teacher_latent) if self.kd is not None else torch.zeros(())
+        if self.kd is None:
+            return enhanced, spec, noisy.new_zeros(())
+        # The KD term in float32 whatever the autocast dtype: a cosine between bf16/fp16 vectors loses
+        # the small angles the loss is about, and the LIB weights are float32. (Without autocast the
+        # casts are no-ops.)
+        with torch.autocast(latent.device.type, enabled=False):
+            kd_value = self.kd(latent.float(), teacher_latent.float())
         return enhanced, spec, kd_value
 
 
@@ -224,8 +343,15 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def collate_crops(items) -> tuple[Tensor, Tensor, list[int], list[int]]:
+    """FrameAlignedCrops items -> (noisy (B, segment), clean (B, segment), indices, first frames)."""
+    return (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]),
+            [it[2] for it in items], [it[3] for it in items])
+
+
 class TeacherLatentCache:
-    """Per-utterance teacher latents, computed once (see the module docstring)."""
+    """Per-utterance teacher latents, computed once (see the module docstring); they live on the
+    teacher's device (the training device)."""
 
     def __init__(self, teacher: UNetDenoiser, crops: FrameAlignedCrops, progress: bool = False):
         from tqdm import tqdm
@@ -276,16 +402,18 @@ def validate(model: UNetDenoiser, dataset, cfg: dict, out_dir: Path, epoch: int)
     """Mean task loss over the whole validation files (batch 1), and with ``valid_metric = "pesq"``
     also the mean PESQ / STOI / SI-SDR (via :func:`pycosdist.evaluation.evaluate`)."""
     model.eval()
+    device = next(model.parameters()).device  # validation runs in float32, also in an amp run
     losses = []
     for i in range(len(dataset)):
         noisy, clean = dataset[i]
-        enhanced, _, spec = model.enhance_with_latent(noisy[None])
-        losses.append(float(distill.task_loss(spec, enhanced, clean[None], model.stft, cfg["loss"]["wave_weight"])))
+        enhanced, _, spec = model.enhance_with_latent(noisy[None].to(device))
+        losses.append(float(distill.task_loss(spec, enhanced, clean[None].to(device), model.stft,
+                                              cfg["loss"]["wave_weight"])))
     out = {"valid_loss": float(np.mean(losses)) if losses else float("nan")}
     if cfg["train"]["valid_metric"] == "pesq":
         from . import evaluation
 
-        s = evaluation.evaluate(lambda x: model(x[None])[0], dataset, out_dir / "valid", f"epoch{epoch:03d}",
+        s = evaluation.evaluate(lambda x: model(x[None].to(device))[0], dataset, out_dir / "valid", f"epoch{epoch:03d}",
                                 workers=cfg["train"]["eval_workers"])
         out.update({f"valid_{m}": s[m] for m in ("pesq", "stoi", "si_sdr")})
     return out
@@ -296,7 +424,8 @@ def _resume_state(out_dir: Path, cfg: dict) -> dict | None:
     if not last.is_file():
         return None
     ckpt = load_checkpoint(last)
-    diff = config_mod.differences(ckpt["config"], cfg, ignore=config_mod.RESUMABLE_KEYS)
+    # Checkpoints are device-agnostic: a run may continue on another device (train.device).
+    diff = config_mod.differences(ckpt["config"], cfg, ignore=config_mod.RESUMABLE_KEYS + ("train.device",))
     if diff:
         raise ValueError(f"{out_dir} holds a run with a different configuration ({'; '.join(diff)}); "
                          f"use another output directory, or the original configuration to resume it")
@@ -319,6 +448,7 @@ def check_train_config(cfg: dict) -> dict:
                          "them; set kd.teacher_cache=false or data.remix=false")
     if kc["method"] != "none" and not kc["teacher"]:
         raise ValueError(f"kd.teacher: KD method {kc['method']!r} needs a teacher checkpoint")
+    autocast_dtype(tc["amp"], resolve_device(tc["device"], *distributed_env()))  # device and amp errors
     return cfg
 
 
@@ -333,7 +463,11 @@ class Run:
         from . import data
 
         self.cfg, self.tc, self.kc = cfg, cfg["train"], cfg["kd"]
-        self.rank, self.world = init_distributed()
+        self.device = resolve_device(self.tc["device"], *distributed_env())
+        self.amp_dtype = autocast_dtype(self.tc["amp"], self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL and DDP work on the current device
+        self.rank, self.world = init_distributed(dist_backend(self.device))
         if self.tc["batch_size"] % self.world:
             raise ValueError(f"train.batch_size: the global batch ({self.tc['batch_size']}) must be divisible by "
                              f"the number of processes ({self.world})")
@@ -352,6 +486,7 @@ class Run:
                              f"and {len(self.corpus.valid)} (data.valid_speakers = {cfg['data']['valid_speakers']})")
         self.crops = FrameAlignedCrops(self.corpus.train, cfg["data"]["segment_seconds"], self.tc["seed"])
         self.frames = self.crops.segment // HOP + 1
+        self.workers = loader_workers(self.device)
         self._build_model_and_kd()
         self._build_optimizer()
         self.history, self.best, self.start_epoch = [], None, 0
@@ -359,13 +494,13 @@ class Run:
 
     # --- set-up ------------------------------------------------------------------------------------
     def _build_model_and_kd(self) -> None:
-        self.model = build_model(model_config(self.cfg))
+        self.model = build_model(model_config(self.cfg)).to(self.device)
         self.teacher, self.kd = None, None
         if self.kc["method"] != "none":
-            self.teacher = distill.freeze(load_model(self.kc["teacher"])[0])
+            self.teacher = distill.freeze(load_model(self.kc["teacher"])[0]).to(self.device)
             self.kd = distill.make_kd_loss(self.kc["method"], self.model.latent_shape(self.frames),
                                            self.teacher.latent_shape(self.frames), expansion=self.kc["expansion"],
-                                           bias=self.kc["bias"], eps=self.kc["eps"])
+                                           bias=self.kc["bias"], eps=self.kc["eps"]).to(self.device)
         self.step_module = _Step(self.model, self.kd)
         self.params = list(self.step_module.parameters())
 
@@ -375,6 +510,8 @@ class Run:
         total_steps = tc["epochs"] * math.ceil(len(self.crops) / tc["batch_size"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(total_steps, tc["warmup_steps"], tc["min_lr_ratio"]))
+        # fp16 gradients underflow without loss scaling; disabled, the scaler passes everything through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc["amp"] == "fp16")
 
     def resume(self) -> None:
         """Loads ``last.pt`` if the run directory has one (same configuration required)."""
@@ -385,6 +522,8 @@ class Run:
                 self.kd.load_state_dict(ckpt["kd"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):  # absent in checkpoints written before train.amp; {} when disabled
+                self.scaler.load_state_dict(ckpt["scaler"])
             self.history, self.best, self.start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"]
             set_rng_state(ckpt["rng"])
             if self.start_epoch < self.tc["epochs"]:
@@ -392,7 +531,10 @@ class Run:
         if self.rank == 0:
             write_text_atomic(self.out_dir / "config.toml", config_mod.to_toml(self.cfg))
         if self.world > 1:  # after a resume every rank holds the same state; DDP broadcasts rank 0's
-            self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
+            if use_sync_batchnorm(self.step_module, self.device, self.world):  # in place: same parameters
+                self.step_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.step_module)
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def cache_teacher_latents(self) -> None:
         if self.teacher is None or not self.kc["teacher_cache"]:
@@ -412,37 +554,64 @@ class Run:
             idx = global_idx[self.rank::self.world]
             yield idx, len(idx) * self.world / len(global_idx)
 
-    def load_batch(self, idx, epoch: int, step: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(noisy (B, segment), clean (B, segment), teacher latent (B, C, F', T) or None)."""
-        items = [self.crops[int(i)] for i in idx]
-        noisy = torch.stack([it[0] for it in items])
-        clean = torch.stack([it[1] for it in items])
+    def epoch_loader(self, epoch: int):
+        """This rank's batches of the epoch: ``(collate_crops(...) of the batch, share)``. The crops are
+        cut in this process when ``self.workers`` is 0 (CPU), else by DataLoader worker processes into
+        pinned memory (CUDA): the same batches either way, since every crop is seeded by
+        (seed, epoch, index) and the batch sampler is the list of this rank's batches."""
+        local = list(self.local_batches(epoch))
+        batches = [[int(i) for i in idx] for idx, _ in local]
+        if self.workers == 0:
+            loaded = (collate_crops([self.crops[i] for i in idx]) for idx in batches)
+        else:  # workers start per epoch (not persistent), so they see crops.set_epoch(epoch)
+            loaded = torch.utils.data.DataLoader(
+                self.crops, batch_sampler=batches, num_workers=self.workers, collate_fn=collate_crops,
+                pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(self.tc["seed"]))  # leaves the global torch RNG alone
+        return zip(loaded, (share for _, share in local)), len(local)
+
+    def load_batch(self, batch, epoch: int, step: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A :func:`collate_crops` batch -> (noisy (B, segment), clean (B, segment), teacher latent
+        (B, C, F', T) or None), on the training device."""
+        noisy, clean, indices, first_frames = batch
         if self.cfg["data"]["remix"]:
             noisy, clean = remix(noisy, clean, np.random.default_rng([self.tc["seed"], epoch, step, 2]))
+        noisy = noisy.to(self.device, non_blocking=True)
+        clean = clean.to(self.device, non_blocking=True)
         t_lat = None
         if self.kd is not None:
-            t_lat = (self.cache.get([it[2] for it in items], [it[3] for it in items], self.frames)
+            t_lat = (self.cache.get(indices, first_frames, self.frames)
                      if self.cache is not None else distill.teacher_latent(self.teacher, noisy))
         return noisy, clean, t_lat
 
+    def autocast(self):
+        """``torch.autocast`` to ``train.amp``'s dtype, or nothing for ``amp = "none"``."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def compute_loss(self, noisy: Tensor, clean: Tensor, t_lat: Tensor | None) -> dict[str, Tensor]:
-        enhanced, spec, kd_value = self.step_module(noisy, t_lat)
-        task = distill.task_loss(spec, enhanced, clean, self.model.stft, self.cfg["loss"]["wave_weight"])
+        with self.autocast():  # the KD term itself is float32 (see _Step)
+            enhanced, spec, kd_value = self.step_module(noisy, t_lat)
+            task = distill.task_loss(spec, enhanced, clean, self.model.stft, self.cfg["loss"]["wave_weight"])
         loss = task + self.kc["lambda"] * kd_value if self.kd is not None else task
         return {"loss": loss, "task": task, "kd": kd_value}
 
     def check_finite(self, losses: dict[str, Tensor], epoch: int, step: int) -> None:
-        if _all_sum([0.0 if torch.isfinite(losses["loss"]) else 1.0], self.world)[0]:  # every rank stops together
+        stop = _all_sum([0.0 if torch.isfinite(losses["loss"]) else 1.0], self.world, self.device)[0]
+        if stop:  # every rank stops together
             raise FloatingPointError(
                 f"epoch {epoch + 1}, step {step}: loss is not finite on some rank (here {losses['loss'].item()}: "
                 f"task {losses['task'].item()}, kd {losses['kd'].item()}); lower train.lr?")
 
     def optimizer_step(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.tc["grad_clip"] > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(self.params, self.tc["grad_clip"])
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
+        self.scaler.update()
         self.scheduler.step()
 
     def train_epoch(self, epoch: int) -> dict:
@@ -452,19 +621,19 @@ class Run:
         self.model.train()
         self.crops.set_epoch(epoch)
         sums = {"loss": 0.0, "task": 0.0, "kd": 0.0}
-        batches = list(self.local_batches(epoch))
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.tc['epochs']}", unit="batch", disable=not self.progress,
-                   leave=False)
-        for step, (idx, share) in enumerate(bar, 1):
-            losses = self.compute_loss(*self.load_batch(idx, epoch, step))
+        loader, n_batches = self.epoch_loader(epoch)
+        bar = tqdm(loader, total=n_batches, desc=f"epoch {epoch + 1}/{self.tc['epochs']}", unit="batch",
+                   disable=not self.progress, leave=False)
+        for step, (batch, share) in enumerate(bar, 1):
+            losses = self.compute_loss(*self.load_batch(batch, epoch, step))
             self.check_finite(losses, epoch, step)
             self.optimizer_step(losses["loss"] * share)
             for k, v in losses.items():
                 sums[k] += v.item() * share / self.world  # summed over ranks below: the global batch mean
             bar.set_postfix({k: f"{v / step:.4f}" for k, v in sums.items()})
-        sums = dict(zip(sums, _all_sum(list(sums.values()), self.world)))
+        sums = dict(zip(sums, _all_sum(list(sums.values()), self.world, self.device)))
         return {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
-                **{f"train_{k}": v / len(batches) for k, v in sums.items()}}
+                **{f"train_{k}": v / n_batches for k, v in sums.items()}}
 
     def validate(self, epoch: int) -> dict:
         """Validation scores (rank 0 computes, every rank receives them)."""
@@ -494,17 +663,18 @@ class Run:
                  f"{'  *best' if row['best'] else ''}")
 
     def checkpoint_state(self, epoch: int) -> dict:
-        return {
+        """The checkpoint dict, every tensor on the CPU (loads on any device)."""
+        return to_cpu({
             "format": "pycosdist", "version": CHECKPOINT_VERSION, "config": self.cfg,
             "model_config": self.model.config.to_dict(), "model": self.model.state_dict(),
             "kd": self.kd.state_dict() if self.kd is not None else None, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
-            "history": self.history, "best": self.best,
-        }
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+            "rng": rng_state(), "history": self.history, "best": self.best,
+        })
 
     def summary(self) -> dict:
         return {"out_dir": str(self.out_dir), "params": count_parameters(self.model), "threads": self.threads,
-                "history": self.history, "best": self.best}
+                "device": str(self.device), "amp": self.tc["amp"], "history": self.history, "best": self.best}
 
 
 def train(cfg: dict, data_dir, out_dir, progress: bool = True,

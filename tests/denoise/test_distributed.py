@@ -58,7 +58,17 @@ def test_two_gloo_ranks_match_one_process_with_the_combined_batch(setup):
 
 def test_batch_must_split_evenly_over_ranks(setup, monkeypatch):
     d, corpus = setup
-    monkeypatch.setattr(training, "init_distributed", lambda: (0, 3))
+    monkeypatch.setattr(training, "init_distributed", lambda backend="gloo": (0, 3))
     with pytest.raises(ValueError, match=r"train.batch_size: the global batch \(4\) must be divisible by the number "
                                          r"of processes \(3\)"):
         training.train(training.config_mod.load_config(overrides=["train.batch_size=4"]), corpus, d / "bad")
+
+
+def test_the_process_group_backend_follows_the_device(setup, monkeypatch):
+    """Run joins the group with dist_backend(train.device): gloo here (NCCL only on CUDA, see test_device)."""
+    d, corpus = setup
+    backends = []
+    monkeypatch.setattr(training, "init_distributed", lambda backend="gloo": backends.append(backend) or (0, 1))
+    cfg = training.config_mod.load_config(overrides=[o for o in ARGS[1::2] if "=" in o] + ["train.epochs=1"])
+    result = training.train(cfg, corpus, d / "backend", progress=False, log=lambda *_: None)
+    assert backends == ["gloo"] and result["device"] == "cpu"
