@@ -102,8 +102,13 @@ class LatentDistiller(nn.Module):
     ``loss``: a module ``(student_latent, teacher_latent) -> scalar`` on the latents as captured;
     by default :class:`pycosdist.nn.CosineLIBDistillationLoss` (the paper's loss, fused), built from
     the per-frame widths ``student_dim``/``teacher_dim`` or, if not given, from one no-grad forward
-    of both models on ``example_input``. ``student_forward``: what a forward calls on the student
-    (default ``student.__call__``; e.g. a method that also returns extra outputs).
+    of both models on ``example_input``. ``student_forward`` / ``teacher_forward``: what a forward
+    calls (default the modules themselves; e.g. a method that also returns extra outputs, or a
+    teacher method that stops after the tapped layer).
+
+    The loss runs outside autocast, on half-precision latents promoted to float32: under mixed
+    precision the student computes in bf16/fp16, but a cosine between half vectors loses the small
+    angles this loss is about, and the LIB weights are float32.
 
     The distiller's own parameters are the loss's (the LIB): teacher and student are held, not
     registered as submodules, so ``kd.parameters()``, ``kd.state_dict()`` and ``kd.train()`` never
@@ -114,14 +119,15 @@ class LatentDistiller(nn.Module):
                  layout: str = "bcft", teacher_layout: str | None = None, example_input=None,
                  student_dim: int | None = None, teacher_dim: int | None = None, expansion: int = 4,
                  bias: bool = True, eps: float = 1e-8, reduction: str = "mean", loss: nn.Module | None = None,
-                 student_forward: Callable | None = None):
+                 student_forward: Callable | None = None, teacher_forward: Callable | None = None):
         super().__init__()
         teacher_layout = teacher_layout or layout
         _check_layout(layout, "layout")
         _check_layout(teacher_layout, "teacher_layout")
         self._models = (teacher, student)  # a tuple: not submodules (see the class docstring)
         self.layout, self.teacher_layout = layout, teacher_layout
-        self._student_forward = (student_forward or student,)  # in a tuple: never a submodule
+        # In a tuple: a bound method or module here must never become a submodule.
+        self._forwards = (student_forward or student, teacher_forward or teacher)
         self.teacher_tap = LatentTap(teacher, teacher_layer, "teacher_layer")
         self.student_tap = LatentTap(student, student_layer, "student_layer")
         if loss is None:
@@ -171,13 +177,13 @@ class LatentDistiller(nn.Module):
     def teacher_latent(self, *inputs, **kwargs) -> Tensor:
         """The frozen teacher's latent for ``inputs`` (a constant): also what a latent cache stores."""
         self.check_frozen()
-        self.teacher(*inputs, **kwargs)
+        self._forwards[1](*inputs, **kwargs)
         return self.teacher_tap.pop()
 
     def _latents(self, inputs: tuple, kwargs: dict, teacher_latent: Tensor | None):
         """(student latent, teacher latent), after running the models; keeps the student's output."""
         t = self.teacher_latent(*inputs, **kwargs) if teacher_latent is None else teacher_latent
-        self._student_output = self._student_forward[0](*inputs, **kwargs)
+        self._student_output = self._forwards[0](*inputs, **kwargs)
         s = self.student_tap.pop()
         s_frames = frame_axes(s, self.layout, f"student_layer {self.student_tap.name!r}")
         t_frames = frame_axes(t, self.teacher_layout, f"teacher_layer {self.teacher_tap.name!r}")
@@ -189,11 +195,12 @@ class LatentDistiller(nn.Module):
         return s, t
 
     def align(self, student_latent: Tensor, teacher_latent: Tensor) -> Tensor:
-        """The loss between captured latents, in the default loss's layout."""
+        """The loss between captured latents (float32 for half latents, outside autocast)."""
         if isinstance(self.loss, CosineLIBDistillationLoss) and self.layout != "bcft":
             student_latent = _frame_major(student_latent, self.layout)
             teacher_latent = _frame_major(teacher_latent, self.teacher_layout)
-        return self.loss(student_latent, teacher_latent)
+        with torch.autocast(student_latent.device.type, enabled=False):
+            return self.loss(_at_least_float32(student_latent), _at_least_float32(teacher_latent))
 
     def forward(self, *inputs, teacher_latent: Tensor | None = None, **kwargs):
         """Runs the teacher (unless ``teacher_latent`` is given, e.g. from a cache) and the student on
@@ -205,6 +212,10 @@ class LatentDistiller(nn.Module):
     def remove_hooks(self) -> None:
         self.teacher_tap.remove()
         self.student_tap.remove()
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _frame_major(latent: Tensor, layout: str) -> Tensor:

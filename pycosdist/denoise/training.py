@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from . import config as config_mod
 from . import distill
+from ..features import LatentDistiller
 from .audio import write_text_atomic
 from .models import HOP, UNetConfig, UNetDenoiser, build_model, count_parameters, preset
 
@@ -226,23 +227,25 @@ def _all_sum(values: list[float], world: int, device: torch.device | str = "cpu"
     return t.tolist()
 
 
-class _Step(nn.Module):
-    """Student forward + KD loss in one module, so that DDP sees (and synchronizes) both."""
+# The U-Net submodule whose output is the latent the KD methods align (teacher and student).
+LATENT_LAYER = "bottleneck"
 
-    def __init__(self, model: UNetDenoiser, kd: nn.Module | None):
+
+class _Step(nn.Module):
+    """Student forward + KD loss in one module, so that DDP sees (and synchronizes) both. The
+    latents are taken by :class:`pycosdist.features.LatentDistiller` (a forward hook on
+    :data:`LATENT_LAYER`), which computes the KD term in float32 whatever the autocast dtype."""
+
+    def __init__(self, model: UNetDenoiser, distiller: LatentDistiller | None):
         super().__init__()
-        self.model, self.kd = model, kd
+        self.model, self.distiller = model, distiller
 
     def forward(self, noisy: Tensor, teacher_latent: Tensor | None):
-        # noisy: (B, n); teacher_latent: (B, C_t, F_t, T) or None
-        enhanced, latent, spec = self.model.enhance_with_latent(noisy)
-        if self.kd is None:
+        # noisy: (B, n); teacher_latent: (B, C_t, F_t, T), or None without KD
+        if self.distiller is None:
+            enhanced, _, spec = self.model.enhance_with_latent(noisy)
             return enhanced, spec, noisy.new_zeros(())
-        # The KD term in float32 whatever the autocast dtype: a cosine between bf16/fp16 vectors loses
-        # the small angles the loss is about, and the LIB weights are float32. (Without autocast the
-        # casts are no-ops.)
-        with torch.autocast(latent.device.type, enabled=False):
-            kd_value = self.kd(latent.float(), teacher_latent.float())
+        (enhanced, _, spec), kd_value = self.distiller(noisy, teacher_latent=teacher_latent)
         return enhanced, spec, kd_value
 
 
@@ -353,7 +356,7 @@ class TeacherLatentCache:
     """Per-utterance teacher latents, computed once (see the module docstring); they live on the
     teacher's device (the training device)."""
 
-    def __init__(self, teacher: UNetDenoiser, crops: FrameAlignedCrops, progress: bool = False):
+    def __init__(self, teacher_latent: Callable[[Tensor], Tensor], crops: FrameAlignedCrops, progress: bool = False):
         from tqdm import tqdm
 
         self.latents: list[Tensor] = []
@@ -361,7 +364,7 @@ class TeacherLatentCache:
             noisy = crops.base[i][0]
             if noisy.shape[-1] < crops.segment:  # the crop of a short file is this same padded signal
                 noisy = torch.nn.functional.pad(noisy, (0, crops.segment - noisy.shape[-1]))
-            self.latents.append(distill.teacher_latent(teacher, noisy[None])[0])  # (C, F', T_utt)
+            self.latents.append(teacher_latent(noisy[None])[0])  # (C, F', T_utt)
 
     def get(self, indices, first_frames, frames: int) -> Tensor:
         """(B, C, F', frames) stacked crops ``latent[i][..., k:k+frames]``."""
@@ -495,13 +498,17 @@ class Run:
     # --- set-up ------------------------------------------------------------------------------------
     def _build_model_and_kd(self) -> None:
         self.model = build_model(model_config(self.cfg)).to(self.device)
-        self.teacher, self.kd = None, None
+        self.teacher, self.kd, self.distiller = None, None, None
         if self.kc["method"] != "none":
             self.teacher = distill.freeze(load_model(self.kc["teacher"])[0]).to(self.device)
             self.kd = distill.make_kd_loss(self.kc["method"], self.model.latent_shape(self.frames),
                                            self.teacher.latent_shape(self.frames), expansion=self.kc["expansion"],
                                            bias=self.kc["bias"], eps=self.kc["eps"]).to(self.device)
-        self.step_module = _Step(self.model, self.kd)
+            # teacher.latent stops after the bottleneck: the teacher's decoder never runs.
+            self.distiller = LatentDistiller(self.teacher, self.model, LATENT_LAYER, LATENT_LAYER, loss=self.kd,
+                                             student_forward=self.model.enhance_with_latent,
+                                             teacher_forward=self.teacher.latent)
+        self.step_module = _Step(self.model, self.distiller)
         self.params = list(self.step_module.parameters())
 
     def _build_optimizer(self) -> None:
@@ -540,7 +547,7 @@ class Run:
         if self.teacher is None or not self.kc["teacher_cache"]:
             return
         t0 = time.perf_counter()
-        self.cache = TeacherLatentCache(self.teacher, self.crops, self.progress)
+        self.cache = TeacherLatentCache(self.teacher_latent, self.crops, self.progress)
         self.log(f"teacher latents cached: {len(self.crops)} utterances, {self.cache.nbytes() / 2**20:.0f} MiB, "
                  f"{time.perf_counter() - t0:.1f} s")
 
@@ -581,8 +588,12 @@ class Run:
         t_lat = None
         if self.kd is not None:
             t_lat = (self.cache.get(indices, first_frames, self.frames)
-                     if self.cache is not None else distill.teacher_latent(self.teacher, noisy))
+                     if self.cache is not None else self.teacher_latent(noisy))
         return noisy, clean, t_lat
+
+    def teacher_latent(self, noisy: Tensor) -> Tensor:
+        """The frozen teacher's latent (B, C, F', T) of ``noisy`` (B, n), on the training device."""
+        return self.distiller.teacher_latent(noisy.to(self.device))
 
     def autocast(self):
         """``torch.autocast`` to ``train.amp``'s dtype, or nothing for ``amp = "none"``."""
@@ -591,7 +602,7 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def compute_loss(self, noisy: Tensor, clean: Tensor, t_lat: Tensor | None) -> dict[str, Tensor]:
-        with self.autocast():  # the KD term itself is float32 (see _Step)
+        with self.autocast():  # the KD term itself is float32 (LatentDistiller.align)
             enhanced, spec, kd_value = self.step_module(noisy, t_lat)
             task = distill.task_loss(spec, enhanced, clean, self.model.stft, self.cfg["loss"]["wave_weight"])
         loss = task + self.kc["lambda"] * kd_value if self.kd is not None else task

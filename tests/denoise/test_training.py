@@ -170,7 +170,7 @@ def test_teacher_cache_crops_match_teacher_on_the_crop(corpus, teacher_ckpt):
     base = load_corpus(corpus, valid_speakers=1, segment_seconds=None).train
     crops = training.FrameAlignedCrops(base, 0.5, seed=0)
     assert crops.segment % HOP == 0
-    cache = training.TeacherLatentCache(teacher, crops)
+    cache = training.TeacherLatentCache(lambda x: distill.teacher_latent(teacher, x), crops)
     frames = crops.segment // HOP + 1
     edge = 6  # receptive field (kernel 3 in time: 2 encoder + 1 bottleneck layers) + STFT edge frames
     checked = 0
