@@ -42,8 +42,8 @@ def _importable(module: str) -> bool:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    """``Type: first sentence`` of an exception whose message runs over several lines of advice."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0].split('. ')[0]}"
 
 
 class MaskNet(nn.Module):

@@ -149,8 +149,9 @@ def load_checkpoint(path) -> dict:
         raise FileNotFoundError(f"checkpoint: no such file {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path}: not a readable pycosdist checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's messages run over several lines of advice: keep the first sentence
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        raise ValueError(f"checkpoint {path}: not a readable pycosdist checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "pycosdist" or "model_config" not in ckpt:
         raise ValueError(f"checkpoint {path}: not a pycosdist training checkpoint")
     return ckpt
