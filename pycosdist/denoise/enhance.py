@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .cli import AUDIO_SUFFIXES
+from .models import N_FFT
 
-N_FFT = 512  # models.N_FFT (not imported: this module is imported by the CLI before torch is needed)
 # The centred STFT reflect-pads n_fft / 2 samples on each side, which needs more input than that.
 MIN_SAMPLES = N_FFT // 2 + 1
 
@@ -55,8 +55,8 @@ def plan(inputs: list[Path], out_dir: Path, overwrite: bool = False) -> list[Job
     for job in jobs:
         target = job.output.resolve()
         if target in sources:
-            raise ValueError(f"-o/--out: {job.source} would be overwritten by its own output {job.output}; "
-                             "choose an output folder that is not the input's")
+            raise ValueError(f"-o/--out: the output of {job.source} would overwrite the input "
+                             f"{sources[target].source}; choose an output folder that holds no input")
         if target in by_output:
             raise ValueError(f"inputs: {by_output[target].source} and {job.source} would both be written to "
                              f"{job.output}; rename one of them or enhance them in separate runs")

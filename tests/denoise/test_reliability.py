@@ -124,8 +124,13 @@ def test_enhance_never_overwrites_an_input(models, tmp_path):
     for out_dir, extra in ((src.parent, []), (src.parent, ["--overwrite"]), (tmp_path, ["--overwrite"])):
         inputs = [src] if out_dir == src.parent else [src.parent]  # file -> IN/x.wav; folder IN -> TMP/in/x.wav
         code, out = cli("enhance", *inputs, "-o", out_dir, "--checkpoint", models["pt"], *extra)
-        assert code == 2 and "would be overwritten by its own output" in out, out
+        assert code == 2 and f"would overwrite the input {src}" in out, out
         assert src.read_bytes() == before and files_under(tmp_path) == ["in/x.wav"]
+    write_noise(src.with_suffix(".flac"), 4000, seed=1)  # its output IN/x.wav is the other input
+    code, out = cli("enhance", src.with_suffix(".flac"), src, "-o", src.parent, "--checkpoint", models["pt"],
+                    "--overwrite")
+    assert code == 2 and f"the output of {src.with_suffix('.flac')} would overwrite the input {src}" in out, out
+    assert src.read_bytes() == before
 
 
 def test_enhance_never_overwrites_an_output_without_overwrite(models, tmp_path):
