@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import tempfile
 from pathlib import Path
 
 # The [train] extra's modules (import name -> package name): the command needs all of them.
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu",
                    help="where a .pt model runs: cpu (the default), auto (CUDA if available), cuda, cuda:N; "
                         "exported models run on the CPU")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that already exist (an input file is never replaced)")
 
     p = sub.add_parser("export", help="export a trained model's mask net (TorchScript, ONNX) for small devices")
     p.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (e.g. RUN/best.pt)")
@@ -95,64 +98,57 @@ def _train_config(args, base: dict | None = None) -> dict:
     return config.load_config(args.config, args.overrides, base=base)
 
 
-def _collect_audio(inputs: list[Path]) -> list[tuple[Path, Path]]:
-    """[(file, output path relative to OUT)]: a file keeps its name, a folder's files their relative path."""
-    found = []
-    for item in inputs:
-        if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-            if not files:
-                raise FileNotFoundError(f"inputs: folder {item} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
-            found += [(f, Path(item.name) / f.relative_to(item).with_suffix(".wav")) for f in files]
-        elif item.is_file():
-            found.append((item, Path(item.stem + ".wav")))
-        else:
-            raise FileNotFoundError(f"inputs: no such file or folder {item}")
-    return found
+def writable_folder(path: Path, arg: str) -> Path:
+    """Creates folder ``path`` if needed and checks that a file can be created in it, so that a command
+    fails up front with one line instead of with a traceback after part of its work."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{arg}: {path} is a file; expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{arg}: cannot write to folder {path} ({e.strerror or e})") from None
+    return path
 
 
 def cmd_enhance(args) -> int:
-    import torch
-
-    from . import audio
-    from .training import load_model, resolve_device, set_threads
+    from . import enhance
+    from .training import resolve_device, set_threads
 
     set_threads(0)
     device = resolve_device(args.device, arg="--device")
-    if args.checkpoint.suffix.lower() in (".ts", ".onnx"):
-        from .export import ExportedDenoiser
-
-        if device.type != "cpu" and args.device != "auto":
-            raise ValueError(f"--device: exported models (.ts, .onnx) run on the CPU, got {args.device!r}")
-        device = torch.device("cpu")
-        model = ExportedDenoiser(args.checkpoint)
-    else:
-        model = load_model(args.checkpoint)[0].to(device)
-    jobs = _collect_audio(args.inputs)
-    for src, rel in jobs:
-        x, sr = audio.read_audio(src)
-        noisy = torch.from_numpy(audio.to_mono_16k(x, sr))
-        with torch.no_grad():
-            y = model(noisy[None].to(device))[0].cpu().numpy()
-        dst = audio.write_audio(args.out / rel, y, audio.SAMPLE_RATE)
-        print(f"{src} ({x.shape[0]} ch, {sr} Hz) -> {dst}")
+    if args.checkpoint.suffix.lower() in (".ts", ".onnx") and args.device == "auto":
+        device = "cpu"  # exported models run on the CPU
+    jobs = enhance.plan(args.inputs, args.out, overwrite=args.overwrite)
+    denoise = enhance.load_denoiser(args.checkpoint, device)
+    writable_folder(args.out, "-o/--out")
+    failed = enhance.enhance_files(jobs, denoise)
+    if failed:
+        print(f"pycosdist enhance: {len(failed)} of {len(jobs)} file(s) skipped:", file=sys.stderr)
+        for source, reason in failed:
+            print(f"  {source}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from . import data, report
-    from .training import resolve_device, set_threads
+    from .training import load_model, resolve_device, set_threads
 
     set_threads(0)
     device = resolve_device(args.device, arg="--device")
-    corpus = data.load_corpus(args.data)
-    dataset = corpus.test if args.split == "test" else corpus.valid
     labels = {}
     for path in args.checkpoint:
         label = path.parent.name + ("" if path.stem == "best" else f"_{path.stem}")
         while label in labels:
             label += "_"
         labels[label] = path
+    for path in labels.values():  # every checkpoint readable and consistent before anything is scored
+        load_model(path)
+    corpus = data.load_corpus(args.data)
+    dataset = corpus.test if args.split == "test" else corpus.valid
+    writable_folder(args.out, "--out")
     rows = report.evaluate_checkpoints(labels, dataset, args.out, workers=args.workers, progress=True,
                                        device=device)
     report.write_results(args.out, rows, {"data": str(args.data), "split": args.split,
@@ -161,6 +157,11 @@ def cmd_evaluate(args) -> int:
     failed = sum(r["n_failed"] for r in rows)
     if failed:
         print(f"warning: {failed} file score(s) failed; see {args.out}/*_summary.json", file=sys.stderr)
+    dead = [r["model"] for r in rows if r["model"] in labels and r["n_ok"] == 0]
+    if dead:
+        print(f"pycosdist evaluate: error: every file failed for {', '.join(dead)} (results written; see "
+              f"{args.out}/<model>_summary.json)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -183,12 +184,15 @@ def main(argv=None) -> int:
             if args.data_command == "synth":
                 from .synth import synthesize_corpus
 
+                writable_folder(args.out, "out")
                 out = synthesize_corpus(args.out, n_train_speakers=args.train_speakers, n_test_speakers=args.test_speakers,
                                         utts_per_speaker=args.utts, test_utts_per_speaker=args.test_utts, seed=args.seed)
                 print(f"corpus written to {out}")
             else:
                 from .data import prepare_16k
 
+                if args.root.is_dir():
+                    writable_folder(args.root, "root")
                 print(f"16 kHz copies under {prepare_16k(args.root)}")
         elif args.command in ("train-teacher", "distill"):
             from . import config, training
@@ -205,6 +209,7 @@ def main(argv=None) -> int:
                 if cfg["kd"]["method"] != "none":
                     raise ValueError("train-teacher trains without KD; use `pycosdist distill` for kd.method "
                                      f"{cfg['kd']['method']!r}")
+            writable_folder(args.out, "--out")
             result = training.train(cfg, args.data, args.out, progress=not args.no_progress)
             print(f"best: {result['best']}  ({args.out}/best.pt, {result['params']:,} parameters)")
         elif args.command == "evaluate":
@@ -212,10 +217,13 @@ def main(argv=None) -> int:
         elif args.command == "enhance":
             return cmd_enhance(args)
         elif args.command == "export":
-            from .export import export
+            from .export import check_formats, export
             from .training import load_model
 
-            for fmt, path in export(load_model(args.checkpoint)[0], args.out, args.format).items():
+            check_formats(args.format)  # the optional modules, before the checkpoint is loaded
+            model = load_model(args.checkpoint)[0]
+            writable_folder(args.out, "-o/--out")
+            for fmt, path in export(model, args.out, args.format).items():
                 print(f"{fmt}: {path}")
             print(f"interface: {args.out / 'model.json'}")
         elif args.command == "experiment":
@@ -223,13 +231,15 @@ def main(argv=None) -> int:
 
             given = {"seeds": args.seeds, "eval_workers": args.workers}
             overrides = {"experiment": {k: v for k, v in given.items() if v is not None}}
-            experiment.run_experiment(experiment.load_config(args.config, small=args.small, overrides=overrides),
-                                      args.out, progress=not args.no_progress)
+            ex_cfg = experiment.load_config(args.config, small=args.small, overrides=overrides)
+            writable_folder(args.out, "--out")
+            experiment.run_experiment(ex_cfg, args.out, progress=not args.no_progress)
         elif args.command == "demo":
             from .demo import run_demo
 
+            writable_folder(args.out, "--out")
             run_demo(args.out, progress=not args.no_progress, workers=args.workers)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, AudioError) as e:
+    except (ValueError, KeyError, OSError, AudioError) as e:  # OSError: e.g. a disk that fills up
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"pycosdist {args.command}: error: {msg}", file=sys.stderr)
         return 2

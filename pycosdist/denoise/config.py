@@ -2,15 +2,19 @@
 
 A configuration is a two-level dict ``{section: {key: value}}``; :data:`DEFAULTS` lists every key
 and fixes its type. Files and overrides may only set known keys (an unknown key is an error that
-lists the valid ones), and each value is converted to / checked against its default's type.
+lists the valid ones), and each value is converted to / checked against its default's type and then
+against its valid range (:data:`CHECKS`), so a value that cannot work fails when the configuration
+is loaded, naming the key, the value and the valid range, before any data or model is touched.
 Overrides use dotted keys: ``train.lr=1e-3``, ``model.channels=[8, 16, 32]``, ``kd.teacher_cache=false``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from pathlib import Path
+from typing import Callable
 
 DEFAULTS: dict[str, dict] = {
     "model": {
@@ -54,6 +58,75 @@ DEFAULTS: dict[str, dict] = {
     },
 }
 
+
+# --- value checks: key -> (predicate on the typed value, what a valid value is) -----------------------
+Check = tuple[Callable[[object], bool], str]  # (is the typed value valid?, what a valid value is)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def at_least(low) -> Check:
+    return (lambda v: _finite(v) and v >= low), f">= {low}"
+
+
+def above(low) -> Check:
+    return (lambda v: _finite(v) and v > low), f"> {low}"
+
+
+def between(low, high) -> Check:
+    return (lambda v: _finite(v) and low <= v <= high), f"in [{low}, {high}]"
+
+
+def one_of(*choices) -> Check:
+    return (lambda v: v in choices), f"one of {list(choices)}"
+
+
+def int_list(lengths: tuple = (), empty_means: str = "the preset's") -> Check:
+    """[] or a list of positive integers (of one of ``lengths`` items when given)."""
+    def ok(v):
+        return v == [] or (all(type(x) is int and x > 0 for x in v) and (not lengths or len(v) in lengths))
+    size = f"{' or '.join(map(str, lengths))} " if lengths else ""
+    return ok, f"[] ({empty_means}) or a list of {size}positive integers"
+
+
+CHECKS: dict[str, Check] = {
+    "model.channels": int_list(),
+    "model.kernel_size": int_list((2,)),
+    "model.bottleneck_layers": at_least(0),
+    "model.norm": one_of("", "batch", "group"),
+    "data.segment_seconds": above(0),
+    "data.valid_speakers": at_least(1),
+    "train.epochs": at_least(1),
+    "train.batch_size": at_least(1),
+    "train.lr": above(0),
+    "train.weight_decay": at_least(0),
+    "train.warmup_steps": at_least(0),
+    "train.min_lr_ratio": between(0, 1),
+    "train.grad_clip": at_least(0),
+    "train.seed": at_least(0),
+    "train.threads": at_least(0),
+    "train.valid_metric": one_of("loss", "pesq"),
+    "train.eval_workers": at_least(0),
+    "train.amp": one_of("none", "bf16", "fp16"),
+    "train.device": ((lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())),
+                     "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "loss.wave_weight": at_least(0),
+    "kd.lambda": at_least(0),
+    "kd.expansion": at_least(1),
+    "kd.eps": at_least(0),
+}
+
+
+def check_value(key: str, value) -> None:
+    """Raises ValueError naming ``key``, ``value`` and the valid range when :data:`CHECKS` rejects it."""
+    rule = CHECKS.get(key)
+    if rule is not None and not rule[0](value):
+        kind = {int: "an integer ", float: "a finite number "}.get(type(value), "")
+        raise ValueError(f"{key}: expected {kind}{rule[1]}, got {value!r}")
+
+
 # Keys that may change when a run is resumed (they do not change what is being trained).
 RESUMABLE_KEYS = ("train.epochs", "train.threads", "train.eval_workers")
 
@@ -83,7 +156,8 @@ def _parse_bool(text: str, key: str) -> bool:
 
 
 def coerce(key: str, value):
-    """``value`` (a string from the command line, or a TOML value) as the type of ``key``'s default."""
+    """``value`` (a string from the command line, or a TOML value) as the type of ``key``'s default,
+    checked against :data:`CHECKS`."""
     section, name = _split(key)
     default = DEFAULTS[section][name]
     kind = type(default)
@@ -91,17 +165,18 @@ def coerce(key: str, value):
         text = value
         try:
             if kind is bool:
-                return _parse_bool(text, key)
-            if kind is list:
+                value = _parse_bool(text, key)
+            elif kind is list:
                 value = tomllib.loads(f"v = {text}")["v"]
             else:
-                return kind(text)
+                value = kind(text)
         except ValueError as e:
             raise ValueError(f"{key}: expected a {kind.__name__}, got {text!r} ({e})") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not kind:
         raise ValueError(f"{key}: expected a {kind.__name__} (default {default!r}), got {value!r}")
+    check_value(key, value)
     return copy.deepcopy(value)
 
 
@@ -146,7 +221,7 @@ def load_config(path=None, overrides=(), base: dict | None = None) -> dict:
 
 
 def check(cfg: dict) -> dict:
-    """Validates a full configuration (every key known and typed); returns a copy."""
+    """Validates a full configuration (every key known, typed and in range); returns a copy."""
     missing = [k for k in valid_keys() if k.partition(".")[2] not in cfg.get(k.partition(".")[0], {})]
     if missing:
         raise ValueError(f"config: missing keys {missing}")

@@ -271,19 +271,46 @@ def load_checkpoint(path) -> dict:
         raise FileNotFoundError(f"checkpoint: no such file {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path}: not a readable pycosdist checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's messages run over several lines of advice: keep the first sentence
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        raise ValueError(f"checkpoint {path}: not a readable pycosdist checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "pycosdist" or "model_config" not in ckpt:
         raise ValueError(f"checkpoint {path}: not a pycosdist training checkpoint")
     return ckpt
 
 
 def load_model(path) -> tuple[UNetDenoiser, dict]:
-    """The model stored in checkpoint ``path`` (in eval mode) and the checkpoint dict."""
+    """The model stored in checkpoint ``path`` (in eval mode) and the checkpoint dict. Raises
+    ValueError (one line) when the weights are missing or do not fit the stored model config."""
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = build_model(ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: invalid model_config ({e})") from None
+    weights = ckpt.get("model")
+    if not isinstance(weights, dict):
+        raise ValueError(f"checkpoint {path}: holds no model weights")
+    problem = _weights_mismatch(model.state_dict(), weights)
+    if problem:
+        raise ValueError(f"checkpoint {path}: its weights do not match its model_config ({problem})")
+    model.load_state_dict(weights)
     return model.eval(), ckpt
+
+
+def _weights_mismatch(expected: dict, got: dict) -> str | None:
+    """What differs between two state dicts' keys and shapes, in one line (None if nothing)."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [k for k in expected if k in got and tuple(getattr(got[k], "shape", ())) != tuple(expected[k].shape)]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} tensor shape(s) differ, first {k}: {list(getattr(got[k], 'shape', ()))} in the "
+                     f"file, {list(expected[k].shape)} for the config")
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {what} tensor(s), first {keys[0]}")
+    return "; ".join(parts) or None
 
 
 def model_config(cfg: dict) -> UNetConfig:

@@ -75,10 +75,10 @@ def test_cli_errors_name_the_problem(runs, capsys):
     assert main(["enhance", str(runs / "missing.wav"), "-o", str(runs / "y"),
                  "--checkpoint", str(runs / "student" / "best.pt")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
-    (runs / "bad.wav").write_bytes(b"not audio")
+    (runs / "bad.wav").write_bytes(b"not audio")  # skipped and reported: exit 1, not a usage error
     assert main(["enhance", str(runs / "bad.wav"), "-o", str(runs / "y"),
-                 "--checkpoint", str(runs / "student" / "best.pt")]) == 2
-    assert "bad.wav" in capsys.readouterr().err
+                 "--checkpoint", str(runs / "student" / "best.pt")]) == 1
+    assert "bad.wav: not a readable audio file" in capsys.readouterr().err
 
 
 def test_shipped_configs_load_and_match_the_demo_recipe():
