@@ -209,6 +209,7 @@ def main(argv=None) -> int:
                 if cfg["kd"]["method"] != "none":
                     raise ValueError("train-teacher trains without KD; use `pycosdist distill` for kd.method "
                                      f"{cfg['kd']['method']!r}")
+            cfg = training.check_train_config(cfg)  # a config error leaves no folder behind
             writable_folder(args.out, "--out")
             result = training.train(cfg, args.data, args.out, progress=not args.no_progress)
             print(f"best: {result['best']}  ({args.out}/best.pt, {result['params']:,} parameters)")
