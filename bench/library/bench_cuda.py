@@ -9,12 +9,14 @@ student and teacher, backward reads them again and writes the student gradient: 
 elements), "% copy" compares it with a device-to-device copy, "fused GB/s" counts only the
 3 * N * D elements of a single fused pass (the CPU benchmark's measure). LIB loss: peak memory
 is torch.cuda.max_memory_allocated above what the inputs and parameters hold. Every time is a
-median. Prints Markdown tables and writes bench/results/cuda_<device>.csv.
+median. Prints Markdown tables and writes bench/results/cuda_<device>.csv (or, with --out-dir DIR,
+DIR/cuda_<device>.csv), each row with the device name and the torch and CUDA versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import re
 import sys
 from pathlib import Path
@@ -123,10 +125,12 @@ def bench_lib(pycosdist, reference, dtype, n, d_s, d_t, expansion, quick):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--out-dir", type=Path, default=None, help="write the CSV there (default bench/results)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device (torch.cuda.is_available() is False): nothing to measure.")
         return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # pycosdist from this tree when not installed
     import pycosdist
     from pycosdist import reference
     if not pycosdist.build_info()["with_cuda"]:
@@ -146,11 +150,21 @@ def main() -> None:
     print(format_table(lib))
 
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    rows = [{"bench": "copy", "device": device, "GB/s": copy_gbs}]
-    rows += [{"bench": "cosine", "device": device, **r} for r in cosine]
-    rows += [{"bench": "lib", "device": device, **r} for r in lib]
+    where = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda}
+    rows = [{"bench": "copy", **where, "GB/s": copy_gbs}]
+    rows += [{"bench": "cosine", **where, **r} for r in cosine]
+    rows += [{"bench": "lib", **where, **r} for r in lib]
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    path = write_csv(f"cuda_{slug}.csv", [{k: r.get(k, "") for k in keys} for r in rows])
+    rows = [{k: r.get(k, "") for k in keys} for r in rows]
+    if args.out_dir is None:
+        path = write_csv(f"cuda_{slug}.csv", rows)
+    else:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        path = args.out_dir / f"cuda_{slug}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
     print(f"\nwrote {path}")
 
 

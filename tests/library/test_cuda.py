@@ -72,9 +72,8 @@ def _check_cosine(student, teacher, dim=-1, eps=1e-8, reduction="none", teacher_
             assert ((got.double() - want).abs() <= tol * scale).all(), (got, want)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,dim", [
-    ((37, 77), -1),           # odd D: scalar loads
+COSINE_SHAPES = [
+    ((37, 77), -1),           # odd D: rows in every 16-byte phase (scalar head, packs, scalar tail)
     ((64, 512), -1),          # 16-byte packs, a warp per row
     ((6, 4096), -1),          # few long rows: several warps per row
     ((2, 70001), -1),         # very long odd rows
@@ -92,7 +91,12 @@ def _check_cosine(student, teacher, dim=-1, eps=1e-8, reduction="none", teacher_
     ((70000, 2, 3), 1),       # column kernel with outer > 65535 (grid-stride over outer)
     ((0, 64), -1),            # N = 0
     ((0, 5, 3), 1),           # N = 0, column layout
-])
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", COSINE_SHAPES,
+                         ids=["x".join(map(str, shape)) + f"-dim{dim}" for shape, dim in COSINE_SHAPES])
 def test_cosine_matches_reference(dtype, shape, dim):
     _check_cosine(_randn(*shape, dtype=dtype), _randn(*shape, dtype=dtype, seed=2), dim)
 
