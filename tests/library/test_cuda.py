@@ -516,7 +516,11 @@ def test_lib_loss_float16_many_rows(bias):
         if got is not None:
             assert got.grad.dtype == torch.float16 and torch.isfinite(got.grad).all()
             assert want.grad.abs().max() > 0
-            _assert_scaled_close(got.grad, want.grad, 1e-2)
+            # The student's gradient is ~1e-6 (1/N times ~0.1): float16 subnormals, whose spacing
+            # 2^-24 bounds how close the rounded result can be; the weights' sums over N are normal.
+            floor = 2.0 ** -24 if got is student else 0.0
+            torch.testing.assert_close(got.grad.double(), want.grad,
+                                       atol=1e-2 * want.grad.abs().max().item() + floor, rtol=1e-2)
     # The raw op's distances (float32) against float64, row by row.
     w1, b1, w2, b2 = (a.detach() if a is not None else None for a in params)
     distance = ops.lib_cosine_distance_forward(student.detach(), teacher, w1, b1, w2, b2, 1e-8, 0, 1.0, False)[0]
