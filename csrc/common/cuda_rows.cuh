@@ -9,8 +9,9 @@
 //
 // Each row is read in three parts so that one misaligned row does not cost the whole tensor
 // its packed loads: a scalar head up to the first 16-byte boundary, a body of VEC-element
-// packs, a scalar tail. All pointers of a row must reach that boundary after the same number
+// packs, a scalar tail. Student and teacher rows must reach that boundary after the same number
 // of elements (they do for rows of equal strides); a row where they do not is read scalar.
+// Gradient outputs in another phase than their inputs are stored element by element.
 #pragma once
 
 #include <algorithm>
@@ -83,14 +84,12 @@ __device__ __forceinline__ int head_elems(const X* x) {
 // One row of D elements: [0, head) scalar, then `packs` packs of VEC, then a scalar tail.
 struct RowSpan { int64_t head, packs; };
 
-// The split of a row whose pointers are s, t and the optional outputs o1, o2 (null: absent).
-template <int VEC, typename S, typename T, typename O1, typename O2>
-__device__ __forceinline__ RowSpan row_span(const S* s, const T* t, const O1* o1, const O2* o2, int64_t D) {
+// The split of a row whose inputs are s and t.
+template <int VEC, typename S, typename T>
+__device__ __forceinline__ RowSpan row_span(const S* s, const T* t, int64_t D) {
   if (VEC == 1) return {0, D};
   const int h = head_elems<VEC>(s);
-  const bool same = head_elems<VEC>(t) == h && (o1 == nullptr || head_elems<VEC>(o1) == h) &&
-                    (o2 == nullptr || head_elems<VEC>(o2) == h);
-  if (!same || h >= D) return {D, 0};  // all scalar
+  if (head_elems<VEC>(t) != h || h >= D) return {D, 0};  // all scalar
   return {h, (D - h) / VEC};
 }
 
@@ -117,13 +116,22 @@ __device__ __forceinline__ void row_partial_sums(const S* s, const T* t, RowSpan
   for (int64_t k = sp.head + sp.packs * VEC + lane; k < D; k += nthreads) add(to_acc(s[k]), to_acc(t[k]));
 }
 
-// One unit-stride row (split by `sp`, the same assignment as row_partial_sums) of
-// gs = a t + b s (unless gs is null) and gt = a s + c t (unless gt is null). gs may alias s:
-// each element is read before it is written by the same thread. Not unrolled: streaming needs
-// no more loads in flight per warp, and unrolling makes ptxas spill the 16-bit packs on sm_90.
+// Whether the outputs gs, gt (null: absent) of a row split by `sp` (from its inputs) can be
+// stored in packs too: they reach a 16-byte boundary after the same sp.head elements.
+template <int VEC, typename G>
+__device__ __forceinline__ bool packed_outputs(RowSpan sp, const G* gs, const G* gt) {
+  return (gs == nullptr || head_elems<VEC>(gs) == sp.head) && (gt == nullptr || head_elems<VEC>(gt) == sp.head);
+}
+
+// One unit-stride row (split by `sp`, from s and t: the same assignment as row_partial_sums) of
+// gs = a t + b s (unless gs is null) and gt = a s + c t (unless gt is null). The loads follow sp;
+// the stores are packs when packed_out (see packed_outputs), element by element otherwise (e.g.
+// contiguous gradients of misaligned input rows). gs may alias s: each element is read before it
+// is written by the same thread. Not unrolled: streaming needs no more loads in flight per warp,
+// and unrolling makes ptxas spill the 16-bit packs on sm_90.
 template <int VEC, typename S, typename T, typename G, typename A>
-__device__ __forceinline__ void row_grads(const S* s, const T* t, G* gs, G* gt, RowSpan sp, int64_t D, int lane,
-                                          int nthreads, A a, A b, A c) {
+__device__ __forceinline__ void row_grads(const S* s, const T* t, G* gs, G* gt, RowSpan sp, bool packed_out,
+                                          int64_t D, int lane, int nthreads, A a, A b, A c) {
   auto put = [&](int64_t k, A x, A y) {
     if (gs != nullptr) gs[k] = from_acc<G>(a * y + b * x);
     if (gt != nullptr) gt[k] = from_acc<G>(a * x + c * y);
@@ -135,6 +143,11 @@ __device__ __forceinline__ void row_grads(const S* s, const T* t, G* gs, G* gt, 
     const int64_t k = h + p * VEC;
     const Pack<S, VEC> ps = *reinterpret_cast<const Pack<S, VEC>*>(s + k);
     const Pack<T, VEC> pt = *reinterpret_cast<const Pack<T, VEC>*>(t + k);
+    if (!packed_out) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) put(k + j, to_acc(ps.v[j]), to_acc(pt.v[j]));
+      continue;
+    }
     if (gs != nullptr) {
       Pack<G, VEC> out;
 #pragma unroll

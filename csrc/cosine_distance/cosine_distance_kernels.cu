@@ -35,15 +35,15 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks)
   __shared__ A smem[3 * kWarps];
   const int rows_per_block = kThreads / group_threads;
   const int group = threadIdx.x / group_threads, lane = threadIdx.x % group_threads;
-  const T* const no_out = nullptr;
   // The loop bound is the same for the whole block: group_sum3 may synchronize it.
   for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < rows;
        first += int64_t(gridDim.x) * rows_per_block) {
     const int64_t r = first + group;
     const T* sr = s + (r < rows ? r : 0) * s_row_stride;
     const T* tr = t + (r < rows ? r : 0) * t_row_stride;
+    const RowSpan sp = row_span<V>(sr, tr, D);
     A dot = 0, ss = 0, tt = 0;
-    if (r < rows) row_partial_sums<V>(sr, tr, row_span<V>(sr, tr, no_out, no_out, D), D, lane, group_threads, dot, ss, tt);
+    if (r < rows) row_partial_sums<V>(sr, tr, sp, D, lane, group_threads, dot, ss, tt);
     group_sum3(dot, ss, tt, group_threads, smem);  // every lane of the group gets the sums
     if (r >= rows) continue;
     const CosineRow<A> c = cosine_row(dot, ss, tt, eps);
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks)
       const GradCoefs<A> k = cosine_grad_coefs(grad_scale, c, eps);
       T* gsr = gs != nullptr ? gs + r * D : nullptr;
       T* gtr = gt != nullptr ? gt + r * D : nullptr;
-      row_grads<V>(sr, tr, gsr, gtr, row_span<V>(sr, tr, gsr, gtr, D), D, lane, group_threads, k.a, k.b, k.c);
+      row_grads<V>(sr, tr, gsr, gtr, sp, packed_outputs<V>(sp, gsr, gtr), D, lane, group_threads, k.a, k.b, k.c);
     }
   }
 }
@@ -81,7 +81,8 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks)
     const T* tr = t + r * t_row_stride;
     T* gsr = gs + r * D;
     T* gtr = gt != nullptr ? gt + r * D : nullptr;
-    row_grads<V>(sr, tr, gsr, gtr, row_span<V>(sr, tr, gsr, gtr, D), D, lane, group_threads, k.a, k.b, k.c);
+    const RowSpan sp = row_span<V>(sr, tr, D);
+    row_grads<V>(sr, tr, gsr, gtr, sp, packed_outputs<V>(sp, gsr, gtr), D, lane, group_threads, k.a, k.b, k.c);
   }
 }
 

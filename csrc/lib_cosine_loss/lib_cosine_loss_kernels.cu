@@ -21,15 +21,15 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks)
   __shared__ A smem[3 * kWarps];
   const int rows_per_block = kThreads / group_threads;
   const int group = threadIdx.x / group_threads, lane = threadIdx.x % group_threads;
-  const A* const no_out = nullptr;
   // The loop bound is the same for the whole block: group_sum3 may synchronize it.
   for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < rows;
        first += int64_t(gridDim.x) * rows_per_block) {
     const int64_t r = first + group;
     A* pr = p + (r < rows ? r : 0) * D;
     const T* tr = t + (r < rows ? r : 0) * D;
+    const RowSpan sp = row_span<V>(pr, tr, D);
     A dot = 0, ss = 0, tt = 0;
-    if (r < rows) row_partial_sums<V>(pr, tr, row_span<V>(pr, tr, no_out, no_out, D), D, lane, group_threads, dot, ss, tt);
+    if (r < rows) row_partial_sums<V>(pr, tr, sp, D, lane, group_threads, dot, ss, tt);
     group_sum3(dot, ss, tt, group_threads, smem);  // every lane of the group gets the sums
     if (r >= rows) continue;
     const CosineRow<A> c = cosine_row(dot, ss, tt, eps);
@@ -38,8 +38,7 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks)
       const A g = grad != nullptr ? grad_scale * grad[r * grad_stride] : grad_scale;
       const GradCoefs<A> k = cosine_grad_coefs(g, c, eps);
       // dL/dp over p (same span: p is its own output), no teacher gradient.
-      row_grads<V>(pr, tr, pr, static_cast<A*>(nullptr), row_span<V>(pr, tr, no_out, no_out, D), D, lane,
-                   group_threads, k.a, k.b, A(0));
+      row_grads<V>(pr, tr, pr, static_cast<A*>(nullptr), sp, true, D, lane, group_threads, k.a, k.b, A(0));
     }
   }
 }
