@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 # Cython, setuptools and numpy are there for pesq's sdist (the [train] extra), as in README.
 BUILD_DEPS := scikit-build-core pybind11 ninja Cython setuptools numpy
 
-.PHONY: demo test build dev bench cuda-check clean
+.PHONY: demo test build dev bench cuda-check gpu-check clean
 
 $(DEPS):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ dev: $(DEPS)
 # Compile-check every torch-free CUDA kernel with nvcc (sm_80, sm_90), registers and spills reported.
 cuda-check:
 	bash .ci/check_cuda_kernels.sh
+
+# On a machine with an NVIDIA GPU and a CUDA torch ($(PYTHON)): build for its compute capability,
+# compute-sanitizer memcheck, the CUDA tests, the CUDA benchmarks and a short bf16 distillation run;
+# results in bench/results/gpu/ (scripts/gpu_check.sh). Without a GPU it stops at once (exit 1).
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build dist *.egg-info pycosdist/_C*.so pycosdist/_build_config.py

@@ -40,6 +40,16 @@ std::pair<at::Tensor, cuda::GradStrides> rows_grad(const at::Tensor& grad, at::S
   return {g.contiguous(), {sh.inner, 1}};
 }
 
+// Scratch memory of the column kernels' split reduction (cosine_distance_kernels.cuh), or an
+// undefined tensor when the plan needs none.
+at::Tensor workspace_for(const cuda::RowsShape& shape, const at::TensorOptions& opmath_opts) {
+  int64_t elems = 0;
+  C10_CUDA_CHECK(cuda::cosine_distance_workspace(shape, &elems));
+  return elems > 0 ? at::empty({elems}, opmath_opts) : at::Tensor();
+}
+
+template <typename A> A* ptr_or_null(const at::Tensor& t) { return t.defined() ? mut_ptr<A>(t) : nullptr; }
+
 // student, teacher: (..., D, ...) -> distance: shape without `dim`; row_stats: (*distance.shape, 3), opmath dtype.
 std::tuple<at::Tensor, at::Tensor> cosine_distance_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                                 int64_t dim, double eps) {
@@ -47,22 +57,52 @@ std::tuple<at::Tensor, at::Tensor> cosine_distance_forward_cuda(const at::Tensor
   const c10::cuda::CUDAGuard guard(student.device());
   const auto opts = student.options().dtype(at::toOpMathType(student.scalar_type()));
   at::Tensor distance = at::empty(v.distance_shape, opts);  // distance_shape
-  auto stats_shape = v.distance_shape;
-  stats_shape.push_back(3);
-  at::Tensor row_stats = at::empty(stats_shape, opts);  // (*distance_shape, 3)
+  at::Tensor row_stats = at::empty(v.stats_shape(), opts);  // (*distance_shape, 3)
+  const cuda::RowsShape shape = rows_shape(v);
+  const at::Tensor workspace = workspace_for(shape, opts);
   // Plain variables, not structured bindings: C++17 lambdas cannot capture those.
   at::Tensor s, t;
   cuda::RowsStrides s_st, t_st;
-  std::tie(s, s_st) = rows_operand(student, rows_shape(v));
-  std::tie(t, t_st) = rows_operand(teacher, rows_shape(v));
+  std::tie(s, s_st) = rows_operand(student, shape);
+  std::tie(t, t_st) = rows_operand(teacher, shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "cosine_distance_forward_cuda", [&] {
     using T = cuda_scalar_t<scalar_t>;
     using A = cuda::opmath_t<T>;
-    C10_CUDA_CHECK(cuda::cosine_distance_forward<T>(const_ptr<T>(s), s_st, const_ptr<T>(t), t_st, rows_shape(v), eps,
+    C10_CUDA_CHECK(cuda::cosine_distance_forward<T>(const_ptr<T>(s), s_st, const_ptr<T>(t), t_st, shape, eps,
                                                     mut_ptr<A>(distance), mut_ptr<A>(row_stats),
-                                                    current_cuda_stream()));
+                                                    ptr_or_null<A>(workspace), current_cuda_stream()));
   });
   return {distance, row_stats};
+}
+
+// student, teacher: (..., D, ...) -> distance: shape without `dim`, opmath dtype; grad_student,
+// grad_teacher: the gradients of grad_scale * sum(distance), contiguous in student's shape and
+// dtype (computed in opmath, rounded once), each empty unless asked for. One pass over the inputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_distance_forward_with_grad_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, int64_t dim, double eps, double grad_scale,
+    bool student_grad, bool teacher_grad) {
+  const RowsView v = cosine_distance::check_inputs(student, teacher, dim, eps);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto opts = student.options().dtype(at::toOpMathType(student.scalar_type()));
+  at::Tensor distance = at::empty(v.distance_shape, opts);
+  at::Tensor grad_student = at::empty(student_grad ? student.sizes() : at::IntArrayRef{0}, student.options());
+  at::Tensor grad_teacher = at::empty(teacher_grad ? teacher.sizes() : at::IntArrayRef{0}, student.options());
+  const cuda::RowsShape shape = rows_shape(v);
+  const at::Tensor workspace = workspace_for(shape, opts);
+  at::Tensor s, t;
+  cuda::RowsStrides s_st, t_st;
+  std::tie(s, s_st) = rows_operand(student, shape);
+  std::tie(t, t_st) = rows_operand(teacher, shape);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                  "cosine_distance_forward_with_grad_cuda", [&] {
+    using T = cuda_scalar_t<scalar_t>;
+    using A = cuda::opmath_t<T>;
+    C10_CUDA_CHECK(cuda::cosine_distance_forward_with_grad<T>(
+        const_ptr<T>(s), s_st, const_ptr<T>(t), t_st, shape, eps, grad_scale, mut_ptr<A>(distance),
+        student_grad ? mut_ptr<T>(grad_student) : nullptr, teacher_grad ? mut_ptr<T>(grad_teacher) : nullptr,
+        ptr_or_null<A>(workspace), current_cuda_stream()));
+  });
+  return {distance, grad_student, grad_teacher};
 }
 
 // grad_distance: distance.shape; student, teacher: (..., D, ...); row_stats: (*distance.shape, 3)
@@ -103,4 +143,5 @@ std::tuple<at::Tensor, at::Tensor> cosine_distance_backward_cuda(const at::Tenso
 TORCH_LIBRARY_IMPL(pycosdist, CUDA, m) {
   m.impl("cosine_distance_forward", &pycosdist::cosine_distance_forward_cuda);
   m.impl("cosine_distance_backward", &pycosdist::cosine_distance_backward_cuda);
+  m.impl("cosine_distance_forward_with_grad", &pycosdist::cosine_distance_forward_with_grad_cuda);
 }

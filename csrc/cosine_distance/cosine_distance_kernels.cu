@@ -1,12 +1,16 @@
 // cosine_distance CUDA kernels: each input element is read once by the forward and once by
-// the backward, accumulating in fp32 (fp64 for double).
+// the backward, or once in all by the forward with gradients (the mean / sum loss under
+// autograd: the gradient pass re-reads the row the group has just reduced, from L1 / L2);
+// accumulation in fp32 (fp64 for double).
 //
 // Two layouts (see cosine_distance_kernels.cuh):
-//  - inner == 1 ("rows"): a group of warps per row (common/cuda_rows.cuh), 16-byte loads
-//    when the rows allow them, warp-shuffle reductions;
-//  - inner > 1 ("cols"): a (bx, by) block, threads along x take consecutive rows (o, i) so
-//    that a warp's loads along the unit-stride inner axis coalesce, threads along y split D;
-//    the forward reduces over y in shared memory.
+//  - inner == 1 ("rows"): a group of threads per row (common/cuda_rows.cuh), 16-byte loads
+//    for the aligned body of every row, shuffle reductions;
+//  - inner > 1 ("cols"): a (bx, by, splits) grid of (bx, by) blocks; threads along x take
+//    consecutive rows (o, i) so that a warp's loads along the unit-stride inner axis coalesce,
+//    threads along y split D, reduced in shared memory. When (outer, inner) is too small to
+//    fill the GPU (e.g. (70000, 3) with dim=0), D is also split over `splits` blocks along z,
+//    whose partial sums a second kernel adds in a fixed order (deterministic).
 #include <climits>
 
 #include "common/cuda_rows.cuh"
@@ -15,64 +19,126 @@
 namespace pycosdist::cuda {
 namespace {
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    forward_rows_kernel(const T* __restrict__ s, int64_t s_row_stride, const T* __restrict__ t, int64_t t_row_stride,
-                        int64_t rows, int64_t D, opmath_t<T> eps, opmath_t<T>* __restrict__ distance,
-                        opmath_t<T>* __restrict__ row_stats, int warps_per_row) {
+// ---------------------------------------------------------------- rows (inner == 1)
+
+// distance (and row_stats unless null) of every row; with gs or gt, the gradients of
+// grad_scale * sum(distance) in the same pass (outputs contiguous (rows, D)); kGrad: gs or gt
+// is set (a separate instantiation keeps the plain forward's registers low).
+template <typename T, bool kGrad>
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks)
+    rows_kernel(const T* __restrict__ s, int64_t s_row_stride, const T* __restrict__ t, int64_t t_row_stride,
+                int64_t rows, int64_t D, opmath_t<T> eps, opmath_t<T>* __restrict__ distance,
+                opmath_t<T>* __restrict__ row_stats, T* __restrict__ gs, T* __restrict__ gt, opmath_t<T> grad_scale,
+                int group_threads) {
   using A = opmath_t<T>;
+  constexpr int V = pack_width<T>();
   __shared__ A smem[3 * kWarps];
-  const int group_threads = 32 * warps_per_row, rows_per_block = kWarps / warps_per_row;
+  const int rows_per_block = kThreads / group_threads;
   const int group = threadIdx.x / group_threads, lane = threadIdx.x % group_threads;
   // The loop bound is the same for the whole block: group_sum3 may synchronize it.
   for (int64_t first = int64_t(blockIdx.x) * rows_per_block; first < rows;
        first += int64_t(gridDim.x) * rows_per_block) {
     const int64_t r = first + group;
+    const T* sr = s + (r < rows ? r : 0) * s_row_stride;
+    const T* tr = t + (r < rows ? r : 0) * t_row_stride;
+    const RowSpan sp = row_span<V>(sr, tr, D);
     A dot = 0, ss = 0, tt = 0;
-    if (r < rows) row_partial_sums<VEC>(s + r * s_row_stride, t + r * t_row_stride, D, lane, group_threads, dot, ss, tt);
-    group_sum3(dot, ss, tt, warps_per_row, smem);
-    if (r < rows && lane == 0) {
-      const CosineRow<A> c = cosine_row(dot, ss, tt, eps);
+    if (r < rows) row_partial_sums<V>(sr, tr, sp, D, lane, group_threads, dot, ss, tt);
+    group_sum3(dot, ss, tt, group_threads, smem);  // every lane of the group gets the sums
+    if (r >= rows) continue;
+    const CosineRow<A> c = cosine_row(dot, ss, tt, eps);
+    if (lane == 0) {
       distance[r] = A(1) - c.cos;
-      row_stats[3 * r] = c.cos;
-      row_stats[3 * r + 1] = c.inv_s;
-      row_stats[3 * r + 2] = c.inv_t;
+      if (row_stats != nullptr) {
+        row_stats[3 * r] = c.cos;
+        row_stats[3 * r + 1] = c.inv_s;
+        row_stats[3 * r + 2] = c.inv_t;
+      }
+    }
+    if (kGrad) {
+      const GradCoefs<A> k = cosine_grad_coefs(grad_scale, c, eps);
+      T* gsr = gs != nullptr ? gs + r * D : nullptr;
+      T* gtr = gt != nullptr ? gt + r * D : nullptr;
+      row_grads<V>(sr, tr, gsr, gtr, sp, packed_outputs<V>(sp, gsr, gtr), D, lane, group_threads, k.a, k.b, k.c);
     }
   }
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks)
     backward_rows_kernel(const opmath_t<T>* __restrict__ grad, int64_t grad_stride, const T* __restrict__ s,
                          int64_t s_row_stride, const T* __restrict__ t, int64_t t_row_stride,
                          const opmath_t<T>* __restrict__ row_stats, int64_t rows, int64_t D, opmath_t<T> eps,
-                         T* __restrict__ gs, T* __restrict__ gt, int warps_per_row) {
+                         T* __restrict__ gs, T* __restrict__ gt, int group_threads) {
   using A = opmath_t<T>;
-  const int group_threads = 32 * warps_per_row, rows_per_block = kWarps / warps_per_row;
+  constexpr int V = pack_width<T>();
+  const int rows_per_block = kThreads / group_threads;
   const int group = threadIdx.x / group_threads, lane = threadIdx.x % group_threads;
   for (int64_t r = int64_t(blockIdx.x) * rows_per_block + group; r < rows; r += int64_t(gridDim.x) * rows_per_block) {
     const CosineRow<A> c{row_stats[3 * r], row_stats[3 * r + 1], row_stats[3 * r + 2]};
     const GradCoefs<A> k = cosine_grad_coefs(grad[r * grad_stride], c, eps);
-    row_grads<VEC>(s + r * s_row_stride, t + r * t_row_stride, gs + r * D, gt != nullptr ? gt + r * D : gt, D, lane,
-                   group_threads, k.a, k.b, k.c);
+    const T* sr = s + r * s_row_stride;
+    const T* tr = t + r * t_row_stride;
+    T* gsr = gs + r * D;
+    T* gtr = gt != nullptr ? gt + r * D : nullptr;
+    const RowSpan sp = row_span<V>(sr, tr, D);
+    row_grads<V>(sr, tr, gsr, gtr, sp, packed_outputs<V>(sp, gsr, gtr), D, lane, group_threads, k.a, k.b, k.c);
   }
 }
 
+// ---------------------------------------------------------------- cols (inner > 1)
+
+// Block (bx, by): bx = the smallest power of two >= inner, at most 32; by = kThreads / bx.
+// Grid: x over inner (checked against the 2^31 - 1 limit), y over outer (grid-stride past
+// 65535), z over `splits` stretches of split_len elements of D.
+struct ColsPlan {
+  dim3 grid, block;
+  int64_t splits = 1, split_len = 0;
+};
+
+bool plan_cols(const RowsShape& shape, int sm_count, ColsPlan& p) {
+  int bx = 1;
+  while (bx < 32 && bx < shape.inner) bx *= 2;
+  const int by = kThreads / bx;
+  const int64_t gx = (shape.inner + bx - 1) / bx;
+  if (gx > INT_MAX) return false;
+  const int64_t gy = std::min<int64_t>(shape.outer, 65535);
+  // Split D while the grid is under 4 blocks per SM, each thread keeping >= 16 elements per stretch.
+  const int64_t blocks = gx * gy, target = int64_t(4) * sm_count;
+  int64_t splits = 1;
+  if (blocks < target) {
+    splits = std::min<int64_t>({(target + blocks - 1) / blocks, shape.size / (16 * int64_t(by)), 65535});
+    splits = std::max<int64_t>(splits, 1);
+  }
+  p.split_len = (shape.size + splits - 1) / splits;
+  p.splits = p.split_len > 0 ? (shape.size + p.split_len - 1) / p.split_len : 1;  // no empty stretch
+  p.block = dim3(unsigned(bx), unsigned(by));
+  p.grid = dim3(unsigned(gx), unsigned(gy), unsigned(p.splits));
+  return true;
+}
+
+// Sums over D (or over stretch blockIdx.z of it). Without `partial`: distance and row_stats
+// (unless null) and, with gs or gt, the gradients of grad_scale * sum(distance) from a second
+// walk over the same elements by the same threads. With `partial` (splits > 1): the stretch's
+// three sums go to partial[(z * rows + r) * 3 + {0, 1, 2}].
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_cols_kernel(const T* __restrict__ s, RowsStrides s_st, const T* __restrict__ t, RowsStrides t_st,
-                        RowsShape shape, opmath_t<T> eps, opmath_t<T>* __restrict__ distance,
-                        opmath_t<T>* __restrict__ row_stats) {
+                        RowsShape shape, int64_t split_len, opmath_t<T> eps, opmath_t<T>* __restrict__ distance,
+                        opmath_t<T>* __restrict__ row_stats, opmath_t<T>* __restrict__ partial,
+                        T* __restrict__ gs, T* __restrict__ gt, opmath_t<T> grad_scale) {
   using A = opmath_t<T>;
   __shared__ A smem[3][kThreads];
   const int bx = blockDim.x, by = blockDim.y, id = threadIdx.y * bx + threadIdx.x;
   const int64_t i = int64_t(blockIdx.x) * bx + threadIdx.x;
+  const int64_t d0 = int64_t(blockIdx.z) * split_len, d1 = d0 + split_len < shape.size ? d0 + split_len : shape.size;
+  const int64_t rows = shape.outer * shape.inner;
   for (int64_t o = blockIdx.y; o < shape.outer; o += gridDim.y) {  // same bound for the whole block
+    const T* sp = s + o * s_st.outer + i;
+    const T* tp = t + o * t_st.outer + i;
     A dot = 0, ss = 0, tt = 0;
     if (i < shape.inner) {
-      const T* sp = s + o * s_st.outer + i;
-      const T* tp = t + o * t_st.outer + i;
-      for (int64_t k = threadIdx.y; k < shape.size; k += by) {
+      for (int64_t k = d0 + threadIdx.y; k < d1; k += by) {
         const A x = to_acc(sp[k * s_st.size]), y = to_acc(tp[k * t_st.size]);
         dot += x * y;
         ss += x * x;
@@ -91,22 +157,64 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
     }
-    if (threadIdx.y == 0 && i < shape.inner) {
-      const int64_t r = o * shape.inner + i;
-      const CosineRow<A> c = cosine_row(smem[0][id], smem[1][id], smem[2][id], eps);
-      distance[r] = A(1) - c.cos;
-      row_stats[3 * r] = c.cos;
-      row_stats[3 * r + 1] = c.inv_s;
-      row_stats[3 * r + 2] = c.inv_t;
+    const int64_t r = o * shape.inner + i;
+    if (i < shape.inner) {
+      const int col = threadIdx.x;  // row y = 0 of smem holds the totals of column col
+      if (partial != nullptr) {
+        if (threadIdx.y == 0) {
+          A* out = partial + (int64_t(blockIdx.z) * rows + r) * 3;
+          out[0] = smem[0][col], out[1] = smem[1][col], out[2] = smem[2][col];
+        }
+      } else {
+        const CosineRow<A> c = cosine_row(smem[0][col], smem[1][col], smem[2][col], eps);
+        if (threadIdx.y == 0) {
+          distance[r] = A(1) - c.cos;
+          if (row_stats != nullptr) {
+            row_stats[3 * r] = c.cos;
+            row_stats[3 * r + 1] = c.inv_s;
+            row_stats[3 * r + 2] = c.inv_t;
+          }
+        }
+        if (gs != nullptr || gt != nullptr) {
+          const GradCoefs<A> k = cosine_grad_coefs(grad_scale, c, eps);
+          const int64_t out = o * shape.size * shape.inner + i;  // outputs are contiguous (outer, D, inner)
+          for (int64_t d = threadIdx.y; d < shape.size; d += by) {
+            const A x = to_acc(sp[d * s_st.size]), y = to_acc(tp[d * t_st.size]);
+            if (gs != nullptr) gs[out + d * shape.inner] = from_acc<T>(k.a * y + k.b * x);
+            if (gt != nullptr) gt[out + d * shape.inner] = from_acc<T>(k.a * x + k.c * y);
+          }
+        }
+      }
     }
     __syncthreads();  // smem is rewritten for the next o
   }
 }
 
+// Adds the `splits` partial sums of every row in stretch order, then distance and row_stats.
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    finish_split_kernel(const A* __restrict__ partial, int64_t splits, int64_t rows, A eps, A* __restrict__ distance,
+                        A* __restrict__ row_stats) {
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
+    A dot = 0, ss = 0, tt = 0;
+    for (int64_t z = 0; z < splits; ++z) {
+      const A* p = partial + (z * rows + r) * 3;
+      dot += p[0], ss += p[1], tt += p[2];
+    }
+    const CosineRow<A> c = cosine_row(dot, ss, tt, eps);
+    distance[r] = A(1) - c.cos;
+    row_stats[3 * r] = c.cos;
+    row_stats[3 * r + 1] = c.inv_s;
+    row_stats[3 * r + 2] = c.inv_t;
+  }
+}
+
+// Gradients from row_stats: g_r = grad[o * g_st.outer + i * g_st.inner], or grad_scale when
+// grad is null. gs and gt may each be null.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    backward_cols_kernel(const opmath_t<T>* __restrict__ grad, GradStrides g_st, const T* __restrict__ s,
-                         RowsStrides s_st, const T* __restrict__ t, RowsStrides t_st,
+    backward_cols_kernel(const opmath_t<T>* __restrict__ grad, GradStrides g_st, opmath_t<T> grad_scale,
+                         const T* __restrict__ s, RowsStrides s_st, const T* __restrict__ t, RowsStrides t_st,
                          const opmath_t<T>* __restrict__ row_stats, RowsShape shape, opmath_t<T> eps,
                          T* __restrict__ gs, T* __restrict__ gt) {
   using A = opmath_t<T>;
@@ -115,68 +223,113 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t o = blockIdx.y; o < shape.outer; o += gridDim.y) {
     const int64_t r = o * shape.inner + i;
     const CosineRow<A> c{row_stats[3 * r], row_stats[3 * r + 1], row_stats[3 * r + 2]};
-    const GradCoefs<A> k = cosine_grad_coefs(grad[o * g_st.outer + i * g_st.inner], c, eps);
+    const A g = grad != nullptr ? grad[o * g_st.outer + i * g_st.inner] : grad_scale;
+    const GradCoefs<A> k = cosine_grad_coefs(g, c, eps);
     const T* sp = s + o * s_st.outer + i;
     const T* tp = t + o * t_st.outer + i;
     const int64_t out = o * shape.size * shape.inner + i;  // outputs are contiguous (outer, D, inner)
-    for (int64_t d = threadIdx.y; d < shape.size; d += blockDim.y) {
+    for (int64_t d = int64_t(blockIdx.z) * blockDim.y + threadIdx.y; d < shape.size;
+         d += int64_t(gridDim.z) * blockDim.y) {
       const A x = to_acc(sp[d * s_st.size]), y = to_acc(tp[d * t_st.size]);
-      gs[out + d * shape.inner] = from_acc<T>(k.a * y + k.b * x);
+      if (gs != nullptr) gs[out + d * shape.inner] = from_acc<T>(k.a * y + k.b * x);
       if (gt != nullptr) gt[out + d * shape.inner] = from_acc<T>(k.a * x + k.c * y);
     }
   }
 }
 
-// Block (bx, by): bx = the smallest power of two >= inner, at most 32; by = kThreads / bx.
-// Grid: x over inner (checked against the 2^31 - 1 limit), y over outer (grid-stride past 65535).
-bool cols_launch_shape(const RowsShape& shape, dim3& grid, dim3& block) {
-  int bx = 1;
-  while (bx < 32 && bx < shape.inner) bx *= 2;
-  const int64_t gx = (shape.inner + bx - 1) / bx;
-  if (gx > INT_MAX) return false;
-  block = dim3(unsigned(bx), unsigned(kThreads / bx));
-  grid = dim3(unsigned(gx), unsigned(std::min<int64_t>(shape.outer, 65535)));
-  return true;
+// ---------------------------------------------------------------- launches
+
+template <typename T>
+cudaError_t launch_rows(const T* s, int64_t s_stride, const T* t, int64_t t_stride, const RowsShape& shape, double eps,
+                        opmath_t<T>* distance, opmath_t<T>* row_stats, T* gs, T* gt, double grad_scale,
+                        cudaStream_t stream) {
+  using A = opmath_t<T>;
+  int sms = 0;
+  if (cudaError_t err = current_sm_count(&sms); err != cudaSuccess) return err;
+  const int g = pick_group_threads(shape.outer, shape.size, pack_width<T>(), sms);
+  const unsigned blocks = row_blocks(shape.outer, g, sms);
+  if (gs != nullptr || gt != nullptr) {
+    rows_kernel<T, true><<<blocks, kThreads, 0, stream>>>(s, s_stride, t, t_stride, shape.outer, shape.size, A(eps),
+                                                          distance, row_stats, gs, gt, A(grad_scale), g);
+  } else {
+    rows_kernel<T, false><<<blocks, kThreads, 0, stream>>>(s, s_stride, t, t_stride, shape.outer, shape.size, A(eps),
+                                                           distance, row_stats, gs, gt, A(grad_scale), g);
+  }
+  return cudaGetLastError();
 }
 
-// Rows of `p` (row stride `row_stride`) can be read in 16-byte packs of VEC elements.
-template <int VEC>
-bool packable(const void* p, int64_t row_stride, const RowsShape& shape) {
-  return shape.size % VEC == 0 && aligned16(p) && (shape.outer == 1 || row_stride % VEC == 0);
+// The column forward: one kernel, or with D split, the partial sums, their fixed-order sum,
+// and (with gs or gt) the gradient kernel reading the row stats. row_stats may be null only
+// when the plan has a single stretch (the with-grad op then keeps them in the workspace).
+template <typename T>
+cudaError_t launch_cols(const T* s, RowsStrides s_st, const T* t, RowsStrides t_st, const RowsShape& shape,
+                        double eps, opmath_t<T>* distance, opmath_t<T>* row_stats, opmath_t<T>* workspace, T* gs,
+                        T* gt, double grad_scale, cudaStream_t stream) {
+  using A = opmath_t<T>;
+  int sms = 0;
+  if (cudaError_t err = current_sm_count(&sms); err != cudaSuccess) return err;
+  ColsPlan p;
+  if (!plan_cols(shape, sms, p)) return cudaErrorInvalidConfiguration;
+  if (p.splits == 1) {
+    forward_cols_kernel<T><<<p.grid, p.block, 0, stream>>>(s, s_st, t, t_st, shape, p.split_len, A(eps), distance,
+                                                           row_stats, nullptr, gs, gt, A(grad_scale));
+    return cudaGetLastError();
+  }
+  if (workspace == nullptr) return cudaErrorInvalidValue;
+  const int64_t rows = shape.outer * shape.inner;
+  A* stats = row_stats != nullptr ? row_stats : workspace + p.splits * rows * 3;
+  forward_cols_kernel<T><<<p.grid, p.block, 0, stream>>>(s, s_st, t, t_st, shape, p.split_len, A(eps), nullptr,
+                                                         nullptr, workspace, nullptr, nullptr, A(0));
+  const unsigned blocks = unsigned(std::min<int64_t>((rows + kThreads - 1) / kThreads, int64_t(sms) * 32));
+  finish_split_kernel<A><<<blocks, kThreads, 0, stream>>>(workspace, p.splits, rows, A(eps), distance, stats);
+  if (gs != nullptr || gt != nullptr) {
+    backward_cols_kernel<T><<<p.grid, p.block, 0, stream>>>(nullptr, GradStrides{0, 0}, A(grad_scale), s, s_st, t,
+                                                            t_st, stats, shape, A(eps), gs, gt);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
 
+cudaError_t cosine_distance_workspace(RowsShape shape, int64_t* elems) {
+  *elems = 0;
+  if (shape.outer == 0 || shape.inner <= 1) return cudaSuccess;
+  int sms = 0;
+  if (cudaError_t err = current_sm_count(&sms); err != cudaSuccess) return err;
+  ColsPlan p;
+  if (!plan_cols(shape, sms, p)) return cudaErrorInvalidConfiguration;
+  // Partial sums of every stretch, and the row stats of the with-grad op.
+  if (p.splits > 1) *elems = (p.splits + 1) * shape.outer * shape.inner * 3;
+  return cudaSuccess;
+}
+
 template <typename T>
 cudaError_t cosine_distance_forward(const T* student, RowsStrides student_strides, const T* teacher,
                                     RowsStrides teacher_strides, RowsShape shape, double eps,
-                                    opmath_t<T>* distance, opmath_t<T>* row_stats, cudaStream_t stream) {
-  using A = opmath_t<T>;
+                                    opmath_t<T>* distance, opmath_t<T>* row_stats, opmath_t<T>* workspace,
+                                    cudaStream_t stream) {
   if (shape.outer == 0 || shape.inner == 0) return cudaSuccess;
   if (shape.inner > 1) {
-    dim3 grid, block;
-    if (!cols_launch_shape(shape, grid, block)) return cudaErrorInvalidConfiguration;
-    forward_cols_kernel<T><<<grid, block, 0, stream>>>(student, student_strides, teacher, teacher_strides, shape,
-                                                       A(eps), distance, row_stats);
-    return cudaGetLastError();
+    return launch_cols<T>(student, student_strides, teacher, teacher_strides, shape, eps, distance, row_stats,
+                          workspace, nullptr, nullptr, 0.0, stream);
   }
-  int sms = 0;
-  if (cudaError_t err = current_sm_count(&sms); err != cudaSuccess) return err;
-  constexpr int V = pack_width<T>();
-  const bool packed = packable<V>(student, student_strides.outer, shape) &&
-                      packable<V>(teacher, teacher_strides.outer, shape);
-  const int w = pick_warps_per_row(shape.outer, packed ? shape.size / V : shape.size, sms);
-  const unsigned blocks = row_blocks(shape.outer, w, sms);
-  if (packed) {
-    forward_rows_kernel<T, V><<<blocks, kThreads, 0, stream>>>(student, student_strides.outer, teacher,
-                                                               teacher_strides.outer, shape.outer, shape.size, A(eps),
-                                                               distance, row_stats, w);
-  } else {
-    forward_rows_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(student, student_strides.outer, teacher,
-                                                               teacher_strides.outer, shape.outer, shape.size, A(eps),
-                                                               distance, row_stats, w);
+  return launch_rows<T>(student, student_strides.outer, teacher, teacher_strides.outer, shape, eps, distance,
+                        row_stats, nullptr, nullptr, 0.0, stream);
+}
+
+template <typename T>
+cudaError_t cosine_distance_forward_with_grad(const T* student, RowsStrides student_strides, const T* teacher,
+                                              RowsStrides teacher_strides, RowsShape shape, double eps,
+                                              double grad_scale, opmath_t<T>* distance, T* grad_student,
+                                              T* grad_teacher, opmath_t<T>* workspace, cudaStream_t stream) {
+  if (shape.outer == 0 || shape.inner == 0) return cudaSuccess;
+  if (shape.size == 0) grad_student = grad_teacher = nullptr;  // nothing to write
+  if (shape.inner > 1) {
+    return launch_cols<T>(student, student_strides, teacher, teacher_strides, shape, eps, distance, nullptr,
+                          workspace, grad_student, grad_teacher, grad_scale, stream);
   }
-  return cudaGetLastError();
+  return launch_rows<T>(student, student_strides.outer, teacher, teacher_strides.outer, shape, eps, distance, nullptr,
+                        grad_student, grad_teacher, grad_scale, stream);
 }
 
 template <typename T>
@@ -186,40 +339,31 @@ cudaError_t cosine_distance_backward(const opmath_t<T>* grad_distance, GradStrid
                                      T* grad_teacher, cudaStream_t stream) {
   using A = opmath_t<T>;
   if (shape.outer == 0 || shape.inner == 0 || shape.size == 0) return cudaSuccess;
-  if (shape.inner > 1) {
-    dim3 grid, block;
-    if (!cols_launch_shape(shape, grid, block)) return cudaErrorInvalidConfiguration;
-    backward_cols_kernel<T><<<grid, block, 0, stream>>>(grad_distance, grad_strides, student, student_strides, teacher,
-                                                        teacher_strides, row_stats, shape, A(eps), grad_student,
-                                                        grad_teacher);
-    return cudaGetLastError();
-  }
   int sms = 0;
   if (cudaError_t err = current_sm_count(&sms); err != cudaSuccess) return err;
-  constexpr int V = pack_width<T>();
-  const bool packed = packable<V>(student, student_strides.outer, shape) &&
-                      packable<V>(teacher, teacher_strides.outer, shape) &&
-                      packable<V>(grad_student, shape.size, shape) &&
-                      (grad_teacher == nullptr || packable<V>(grad_teacher, shape.size, shape));
-  const int w = pick_warps_per_row(shape.outer, packed ? shape.size / V : shape.size, sms);
-  const unsigned blocks = row_blocks(shape.outer, w, sms);
-  if (packed) {
-    backward_rows_kernel<T, V><<<blocks, kThreads, 0, stream>>>(
-        grad_distance, grad_strides.outer, student, student_strides.outer, teacher, teacher_strides.outer, row_stats,
-        shape.outer, shape.size, A(eps), grad_student, grad_teacher, w);
-  } else {
-    backward_rows_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(
-        grad_distance, grad_strides.outer, student, student_strides.outer, teacher, teacher_strides.outer, row_stats,
-        shape.outer, shape.size, A(eps), grad_student, grad_teacher, w);
+  if (shape.inner > 1) {
+    ColsPlan p;
+    if (!plan_cols(shape, sms, p)) return cudaErrorInvalidConfiguration;
+    backward_cols_kernel<T><<<p.grid, p.block, 0, stream>>>(grad_distance, grad_strides, A(1), student,
+                                                            student_strides, teacher, teacher_strides, row_stats,
+                                                            shape, A(eps), grad_student, grad_teacher);
+    return cudaGetLastError();
   }
+  const int g = pick_group_threads(shape.outer, shape.size, pack_width<T>(), sms);
+  backward_rows_kernel<T><<<row_blocks(shape.outer, g, sms), kThreads, 0, stream>>>(
+      grad_distance, grad_strides.outer, student, student_strides.outer, teacher, teacher_strides.outer, row_stats,
+      shape.outer, shape.size, A(eps), grad_student, grad_teacher, g);
   return cudaGetLastError();
 }
 
-#define PYCOSDIST_INSTANTIATE(T)                                                                                \
-  template cudaError_t cosine_distance_forward<T>(const T*, RowsStrides, const T*, RowsStrides, RowsShape,     \
-                                                  double, opmath_t<T>*, opmath_t<T>*, cudaStream_t);            \
-  template cudaError_t cosine_distance_backward<T>(const opmath_t<T>*, GradStrides, const T*, RowsStrides,     \
-                                                   const T*, RowsStrides, const opmath_t<T>*, RowsShape, double, \
+#define PYCOSDIST_INSTANTIATE(T)                                                                                    \
+  template cudaError_t cosine_distance_forward<T>(const T*, RowsStrides, const T*, RowsStrides, RowsShape,         \
+                                                  double, opmath_t<T>*, opmath_t<T>*, opmath_t<T>*, cudaStream_t);  \
+  template cudaError_t cosine_distance_forward_with_grad<T>(const T*, RowsStrides, const T*, RowsStrides,          \
+                                                            RowsShape, double, double, opmath_t<T>*, T*, T*,       \
+                                                            opmath_t<T>*, cudaStream_t);                           \
+  template cudaError_t cosine_distance_backward<T>(const opmath_t<T>*, GradStrides, const T*, RowsStrides,         \
+                                                   const T*, RowsStrides, const opmath_t<T>*, RowsShape, double,   \
                                                    T*, T*, cudaStream_t);
 PYCOSDIST_INSTANTIATE(float)
 PYCOSDIST_INSTANTIATE(double)

@@ -1,8 +1,16 @@
-// Fused LIB + cosine distance on CUDA, over row chunks so that the (N, E) hidden and (N, D_t)
-// projection exist one chunk at a time, in two buffers reused by every chunk:
-//   h = s_c W1^T + b1, p = h W2^T + b2           (cuBLAS through ATen, out= into the buffers)
+// Fused LIB + cosine distance on CUDA. The LIB has no activation, so it is folded once per call
+// into one linear map, in opmath (float32 for half inputs; float64 for float64):
+//   W = W2 W1 (D_t, D_s), b = W2 b1 + b2 (D_t)
+// and the rows are processed in chunks, in one opmath buffer reused by every chunk (the
+// (N, E) hidden never exists, and the (N, D_t) projection exists one chunk at a time):
+//   p = s_c W^T + b                              (one cuBLAS GEMM through ATen, out= into the buffer)
 //   distance_c and dL/dp over p                  (one kernel: lib_cosine_loss_kernels.cu)
-//   dW2 += dp^T h, db2 += sum dp, dh = dp W2 over h, dW1 += dh^T s_c, db1 += sum dh, ds_c = dh W1
+//   dW += dp^T s_c, db += sum dp, ds_c = dp W    (two GEMMs)
+// and at the end the gradients are mapped back to the factors:
+//   dW1 = W2^T dW, dW2 = dW W1^T + db b1^T, db1 = W2^T db, db2 = db.
+// Half inputs: the chunk of the student is converted to float32 in a second buffer, so that p,
+// dL/dp (which carries 1/N for 'mean' and would flush to zero in float16) and every
+// accumulation stay in float32; only the outputs are rounded to the inputs' dtype.
 // Schemas and semantics: csrc/ops.cpp.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -20,25 +28,34 @@ namespace {
 
 using Opt = std::optional<at::Tensor>;
 
-// Rows per chunk. Automatic: about 8M elements in the two buffers (32 MB in float32): GEMMs
-// big enough to run at speed, and p stays in L2 (40-50 MB on A100 / H100) between the
-// kernel's two passes over it.
+// Rows per chunk. Automatic: about 8M elements in the buffers (32 MB in float32): GEMMs big
+// enough to run at speed, and p stays in L2 (40-50 MB on A100 / H100) between the kernel's
+// two passes over it.
 int64_t chunk_rows(int64_t n, const lib_projection::Dims& d, int64_t requested) {
-  const int64_t rows = requested > 0 ? requested : std::max<int64_t>(256, (int64_t(1) << 23) / std::max<int64_t>(d.e + d.d_t, 1));
+  const int64_t rows = requested > 0 ? requested : std::max<int64_t>(256, (int64_t(1) << 23) / std::max<int64_t>(d.d_s + d.d_t, 1));
   return std::max<int64_t>(1, std::min(rows, n));
 }
 
-// acc += a @ b through cuBLAS; an opmath accumulator (half inputs) takes the product in the inputs' dtype.
-void add_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
-  if (acc.scalar_type() == a.scalar_type()) {
-    acc.addmm_(a, b);
-  } else {
-    acc.add_(at::mm(a, b));
-  }
-}
+// The LIB folded into one map, in opmath: w = W2 W1 (D_t, D_s); b = W2 b1 + b2 (D_t), undefined
+// without biases; the opmath factors are kept for mapping the gradients back.
+struct Folded {
+  at::Tensor w1, b1, w2, w, b;
+};
 
-// acc += x.sum(0), summed in acc's dtype.
-void add_column_sums(at::Tensor& acc, const at::Tensor& x) { acc.add_(x.sum(0, false, acc.scalar_type())); }
+Folded fold(const at::Tensor& w1, const Opt& b1, const at::Tensor& w2, const Opt& b2, at::ScalarType opmath) {
+  Folded f;
+  f.w1 = w1.to(opmath);  // (E, D_s)
+  f.w2 = w2.to(opmath);  // (D_t, E)
+  f.w = at::mm(f.w2, f.w1);
+  if (b1) {
+    f.b1 = b1->to(opmath);       // (E)
+    f.b = at::mv(f.w2, f.b1);    // fresh: may be added to in place
+    if (b2) f.b.add_(b2->to(opmath));
+  } else if (b2) {
+    f.b = b2->to(opmath);  // only read
+  }
+  return f;
+}
 
 struct Grads { at::Tensor student, w1, b1, w2, b2; };  // undefined when not computed
 
@@ -51,53 +68,58 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
   const int64_t n = student.size(0);
   const at::Tensor s = student.contiguous();  // (N, D_s)
   const at::Tensor t = teacher.contiguous();  // (N, D_t)
+  const auto opmath = at::toOpMathType(s.scalar_type());
+  const auto acc = s.options().dtype(opmath);
+  const bool convert = opmath != s.scalar_type();  // half inputs: GEMMs in float32 on a converted chunk
+  const Folded f = fold(w1, b1, w2, b2, opmath);
   const int64_t chunk = chunk_rows(n, d, chunk_size);
-  at::Tensor h_buf = at::empty({chunk, d.e}, s.options());    // (chunk, E): hidden, then dL/dhidden
-  at::Tensor p_buf = at::empty({chunk, d.d_t}, s.options());  // (chunk, D_t): projection, then dL/dp
+  at::Tensor p_buf = at::empty({chunk, d.d_t}, acc);                                // projection, then dL/dp
+  at::Tensor x_buf = convert ? at::empty({chunk, d.d_s}, acc) : at::Tensor();       // student chunk, then dL/ds
+  at::Tensor dw, db;
   Grads g;
   if (compute_grad) {
-    // Weight grads accumulate over chunks in opmath (float32 for half types), cast at the end.
-    const auto acc = w1.options().dtype(at::toOpMathType(w1.scalar_type()));
     g.student = at::empty({n, d.d_s}, s.options());  // (N, D_s)
-    g.w1 = at::zeros({d.e, d.d_s}, acc);             // (E, D_s)
-    g.w2 = at::zeros({d.d_t, d.e}, acc);             // (D_t, E)
-    if (b1) g.b1 = at::zeros({d.e}, acc);            // (E)
-    if (b2) g.b2 = at::zeros({d.d_t}, acc);          // (D_t)
+    dw = at::zeros({d.d_t, d.d_s}, acc);             // dL/dW (D_t, D_s)
+    if (b1 || b2) db = at::zeros({d.d_t}, acc);      // dL/db (D_t): needed for dW2 when b1 exists
   }
-  const at::Tensor w1t = w1.t(), w2t = w2.t();
+  const at::Tensor wt = f.w.t();
   const cudaStream_t stream = current_cuda_stream();
   const int64_t grad_stride = grad_rows.defined() ? grad_rows.stride(0) : 0;
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t c = std::min(chunk, n - r0);
-    const at::Tensor s_c = s.narrow(0, r0, c);  // (c, D_s)
-    at::Tensor h = h_buf.narrow(0, 0, c);       // (c, E)
-    at::Tensor p = p_buf.narrow(0, 0, c);       // (c, D_t)
-    if (b1) at::addmm_out(h, *b1, s_c, w1t); else at::mm_out(h, s_c, w1t);
-    if (b2) at::addmm_out(p, *b2, h, w2t); else at::mm_out(p, h, w2t);
+    const at::Tensor s_c = s.narrow(0, r0, c);                            // (c, D_s)
+    at::Tensor x = convert ? x_buf.narrow(0, 0, c).copy_(s_c) : s_c;      // (c, D_s) opmath
+    at::Tensor p = p_buf.narrow(0, 0, c);                                 // (c, D_t) opmath
+    if (f.b.defined()) at::addmm_out(p, f.b, x, wt); else at::mm_out(p, x, wt);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "lib_cosine_distance_cuda", [&] {
       using T = cuda_scalar_t<scalar_t>;
       using A = cuda::opmath_t<T>;
       C10_CUDA_CHECK(cuda::lib_cosine_rows<T>(
-          mut_ptr<T>(p), const_ptr<T>(t) + r0 * d.d_t, c, d.d_t, eps,
+          mut_ptr<A>(p), const_ptr<T>(t) + r0 * d.d_t, c, d.d_t, eps,
           distance.defined() ? mut_ptr<A>(distance) + r0 : nullptr,
           grad_rows.defined() ? const_ptr<A>(grad_rows) + r0 * grad_stride : nullptr, grad_stride, grad_scale,
           compute_grad, stream));
     });
     if (!compute_grad) continue;
-    // p now holds dL/dp.
-    add_mm(g.w2, p.t(), h);
-    if (b2) add_column_sums(g.b2, p);
-    at::mm_out(h, p, w2);  // dL/dh over h: the dW2 GEMM that reads h runs first on this stream
-    if (b1) add_column_sums(g.b1, h);
-    add_mm(g.w1, h.t(), s_c);
+    // p now holds dL/dp. Everything below is queued on one stream: the GEMM that reads x
+    // runs before the one that overwrites it.
+    dw.addmm_(p.t(), x);
+    if (db.defined()) db.add_(p.sum(0));
     at::Tensor gs_c = g.student.narrow(0, r0, c);
-    at::mm_out(gs_c, h, w1);
+    if (convert) {
+      at::mm_out(x, p, f.w);
+      gs_c.copy_(x);
+    } else {
+      at::mm_out(gs_c, p, f.w);
+    }
   }
   if (compute_grad) {
-    g.w1 = g.w1.to(w1.scalar_type());
-    g.w2 = g.w2.to(w2.scalar_type());
-    if (b1) g.b1 = g.b1.to(b1->scalar_type());
-    if (b2) g.b2 = g.b2.to(b2->scalar_type());
+    g.w1 = at::mm(f.w2.t(), dw).to(w1.scalar_type());  // (E, D_s)
+    at::Tensor dw2 = at::mm(dw, f.w1.t());               // (D_t, E)
+    if (b1) dw2.addr_(db, f.b1);
+    g.w2 = dw2.to(w2.scalar_type());
+    if (b1) g.b1 = at::mv(f.w2.t(), db).to(b1->scalar_type());
+    if (b2) g.b2 = db.to(b2->scalar_type());
   }
   return g;
 }

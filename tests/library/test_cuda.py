@@ -72,9 +72,8 @@ def _check_cosine(student, teacher, dim=-1, eps=1e-8, reduction="none", teacher_
             assert ((got.double() - want).abs() <= tol * scale).all(), (got, want)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,dim", [
-    ((37, 77), -1),           # odd D: scalar loads
+COSINE_SHAPES = [
+    ((37, 77), -1),           # odd D: rows in every 16-byte phase (scalar head, packs, scalar tail)
     ((64, 512), -1),          # 16-byte packs, a warp per row
     ((6, 4096), -1),          # few long rows: several warps per row
     ((2, 70001), -1),         # very long odd rows
@@ -84,10 +83,75 @@ def _check_cosine(student, teacher, dim=-1, eps=1e-8, reduction="none", teacher_
     ((2, 6, 9, 70), 1),       # (B, C, F, T), dim=1: inner = 630
     ((4, 6, 5), 0),           # inner < 32
     ((3, 130, 2), -2),        # negative dim, inner = 2
-    ((70000, 3), 0),          # long column reduction, inner = 3
-])
+    ((70000, 3), 0),          # long column reduction, inner = 3: D split over blocks
+    ((2, 50000, 3), 1),       # the same with outer = 2
+    ((1000, 3), -1),          # D < one pack: a thread per row
+    ((1000, 64), -1),         # sub-warp row groups (16 lanes in float32)
+    ((100000, 64), -1),       # > 100k rows, sub-warp groups, many blocks per SM
+    ((70000, 2, 3), 1),       # column kernel with outer > 65535 (grid-stride over outer)
+    ((0, 64), -1),            # N = 0
+    ((0, 5, 3), 1),           # N = 0, column layout
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", COSINE_SHAPES,
+                         ids=["x".join(map(str, shape)) + f"-dim{dim}" for shape, dim in COSINE_SHAPES])
 def test_cosine_matches_reference(dtype, shape, dim):
     _check_cosine(_randn(*shape, dtype=dtype), _randn(*shape, dtype=dtype, seed=2), dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cosine_large_rows(dtype):
+    """(262144, 512): the benchmark's shape, many grid-stride rounds."""
+    _check_cosine(_randn(262144, 512, dtype=dtype), _randn(262144, 512, dtype=dtype, seed=2), reduction="mean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", [((64, 48), -1), ((6, 40, 5), 1)])
+def test_cosine_eps_zero(dtype, shape, dim):
+    """eps = 0: max(|x|, 0) = |x|, no clamping on non-zero rows."""
+    _check_cosine(_randn(*shape, dtype=dtype), _randn(*shape, dtype=dtype, seed=2), dim, eps=0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [
+    lambda x: x[:, :128],     # row stride 130: rows alternate between two 16-byte phases
+    lambda x: x[:, 1:129],    # every row starts off a 16-byte boundary
+    lambda x: x[:, 3:126],    # odd D and an odd start
+], ids=["stride130", "offset1", "offset3-odd"])
+def test_cosine_misaligned_rows(dtype, make):
+    """Rows whose starts are not 16-byte aligned: peeled head, packed body, scalar tail."""
+    s, t = make(_randn(1000, 130, dtype=dtype)), make(_randn(1000, 130, dtype=dtype, seed=2))
+    _check_cosine(s, t)
+    _check_cosine(s, t, reduction="mean", teacher_grad=False)
+    _check_cosine(s, t.contiguous())  # student and teacher in different phases: scalar rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs a CUDA device with >= 40 GiB (4 bf16 tensors of 2^31+ elements)")
+def test_cosine_bf16_above_2_pow_31_elements():
+    """(2^22 + 3, 520) bfloat16: 2.18e9 elements per tensor, so element offsets pass 2^31. The
+    float64 reference runs on rows around that offset and at both ends."""
+    n, d = 2**22 + 3, 520
+    s = torch.randn(n, d, device=DEV, dtype=torch.bfloat16, generator=torch.Generator(DEV).manual_seed(0))
+    t = torch.randn(n, d, device=DEV, dtype=torch.bfloat16, generator=torch.Generator(DEV).manual_seed(2))
+    s.requires_grad_()
+    t.requires_grad_()
+    out = pycosdist.cosine_distance_loss(s, t, reduction="sum")
+    out.backward()
+    crossing = 2**31 // d
+    rows = torch.tensor([0, 1, crossing - 1, crossing, crossing + 1, n - 2, n - 1], device=DEV)
+    s64 = s.detach()[rows].double().requires_grad_()
+    t64 = t.detach()[rows].double().requires_grad_()
+    ref = reference.cosine_distance(s64, t64)
+    ref.sum().backward()
+    with torch.no_grad():
+        got = ops.cosine_distance_forward(s[rows], t[rows], -1, 1e-8)[0]
+    torch.testing.assert_close(got.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    for grad, want in ((s.grad[rows], s64.grad), (t.grad[rows], t64.grad)):
+        _assert_scaled_close(grad, want, 2e-2)
+    assert torch.isfinite(out) and abs(out.item() - n) < 0.01 * n  # random rows: cos ~ 0
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -96,7 +160,11 @@ def test_cosine_reductions(reduction, dim):
     _check_cosine(_randn(4, 19, 24), _randn(4, 19, 24, seed=2), dim, reduction=reduction)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+# A zero row's gradient is of order 1 / eps: 1e8 overflows float16, so float16 uses eps = 1e-3.
+ZERO_ROW_EPS = {torch.float32: 1e-8, torch.float64: 1e-8, torch.bfloat16: 1e-8, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [-1, 1])
 def test_cosine_zero_rows_are_finite(dtype, dim):
     s, t = _randn(8, 16, 32, dtype=dtype), _randn(8, 16, 32, dtype=dtype, seed=2)
@@ -106,13 +174,14 @@ def test_cosine_zero_rows_are_finite(dtype, dim):
     tv[0, 1] = 0   # a zero teacher row
     sv[3, 3] = 0   # both zero
     tv[3, 3] = 0
-    _check_cosine(s, t, dim)
+    _check_cosine(s, t, dim, eps=ZERO_ROW_EPS[dtype])
+    _check_cosine(s, t, dim, eps=ZERO_ROW_EPS[dtype], reduction="mean")
 
 
 @pytest.mark.parametrize("make", [
     lambda x: x.t(),                       # transposed: copied to contiguous
     lambda x: x[:, :128],                  # rows with a larger stride, still 16-byte packs
-    lambda x: x[:, 1:129],                 # misaligned rows: scalar loads
+    lambda x: x[:, 1:129],                 # misaligned rows: scalar head, packed body
     lambda x: x[::2],                      # every other row
     lambda x: x[:1].expand(64, -1),        # one row repeated (stride 0)
 ], ids=["transposed", "row-stride", "misaligned", "every-other-row", "expanded"])
@@ -148,6 +217,84 @@ def test_cosine_raw_ops_row_stats_and_expanded_grad():
     for rows in ([3], [r for r in range(50) if r != 3]):  # the zero row's gradient is ~1e8 larger
         want = s_ref.grad[rows]
         torch.testing.assert_close(gs[rows].double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+def _with_grad_reference(student, teacher, dim, eps, grad_scale):
+    """float64 distance and the gradients of grad_scale * sum(distance)."""
+    s64 = student.detach().double().requires_grad_()
+    t64 = teacher.detach().double().requires_grad_()
+    rows = reference.cosine_distance(s64, t64, dim, eps)
+    (grad_scale * rows.sum()).backward()
+    return rows.detach(), s64.grad, t64.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("flags", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["both", "student", "teacher", "none"])
+@pytest.mark.parametrize("shape,dim,make", [
+    ((300, 96), -1, None),                       # rows, a warp per row
+    ((500, 64), -1, None),                       # sub-warp groups
+    ((4, 6000), -1, None),                       # several warps per row
+    ((300, 130), -1, lambda x: x[:, 1:129]),     # misaligned rows
+    ((5, 33, 7), 1, None),                       # column kernel, one pass
+    ((70000, 3), 0, None),                       # column kernel with D split over blocks
+], ids=["rows", "subwarp", "long", "misaligned", "cols", "cols-split"])
+def test_forward_with_grad_matches_reference(dtype, flags, shape, dim, make):
+    """cosine_distance_forward_with_grad: distance and the gradients of grad_scale * sum(distance)
+    in one pass; only the gradients asked for (the others empty)."""
+    student_grad, teacher_grad = flags
+    s, t = _randn(*shape, dtype=dtype), _randn(*shape, dtype=dtype, seed=2)
+    if make is not None:
+        s, t = make(s), make(t)
+    if dim == -1:
+        s[0] = 0  # a zero row: clamped norm, finite gradient
+    eps, grad_scale = ZERO_ROW_EPS[dtype], 0.375
+    distance, gs, gt = ops.cosine_distance_forward_with_grad(s, t, dim, eps, grad_scale, student_grad, teacher_grad)
+    want, want_s, want_t = _with_grad_reference(s, t, dim, eps, grad_scale)
+    tol = TOL[dtype]
+    assert distance.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(distance.double(), want, atol=tol, rtol=tol)
+    for asked, got, ref, x in ((student_grad, gs, want_s, s), (teacher_grad, gt, want_t, t)):
+        if not asked:
+            assert got.numel() == 0
+            continue
+        assert got.dtype == dtype and got.shape == s.shape and got.is_contiguous()
+        assert torch.isfinite(got).all()
+        # Per-row scale, as in _check_cosine (a zero row's gradient is ~1/eps larger than the rest).
+        scale = ref.abs().amax(dim, keepdim=True) + grad_scale / torch.linalg.vector_norm(
+            x.double(), dim=dim, keepdim=True).clamp_min(eps)
+        assert ((got.double() - ref).abs() <= tol * scale).all()
+
+
+def test_forward_with_grad_equals_forward_then_backward():
+    """The one-pass gradients equal the two-pass ops' with an expanded constant upstream gradient."""
+    for shape, dim in (((200, 96), -1), ((7, 40, 9), 1), ((70000, 3), 0)):
+        s, t = _randn(*shape), _randn(*shape, seed=2)
+        distance, stats = ops.cosine_distance_forward(s, t, dim, 1e-8)
+        grad = torch.full((), 0.25, device=DEV).expand(distance.shape)
+        bs, bt = ops.cosine_distance_backward(grad, s, t, stats, dim, 1e-8, True)
+        d1, gs, gt = ops.cosine_distance_forward_with_grad(s, t, dim, 1e-8, 0.25, True, True)
+        torch.testing.assert_close(d1, distance, atol=1e-7, rtol=1e-7)  # the same reduction order
+        torch.testing.assert_close(gs, bs, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(gt, bt, atol=1e-7, rtol=1e-6)
+
+
+def test_forward_with_grad_empty_and_d0():
+    for shape, dim in (((0, 16), -1), ((3, 0), -1), ((0, 4, 3), 1), ((2, 0, 3), 1)):
+        s, t = _randn(*shape), _randn(*shape, seed=2)
+        distance, gs, gt = ops.cosine_distance_forward_with_grad(s, t, dim, 1e-8, 1.0, True, True)
+        want, _, _ = _with_grad_reference(s, t, dim, 1e-8, 1.0)
+        torch.testing.assert_close(distance.double(), want)
+        assert gs.shape == gt.shape == s.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_forward_with_grad_opcheck(dtype, dim):
+    s, t = _randn(8, 24, dtype=dtype), _randn(8, 24, dtype=dtype, seed=2)
+    for student_grad, teacher_grad in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(ops.cosine_distance_forward_with_grad.default,
+                              (s, t, dim, 1e-8, 0.5, student_grad, teacher_grad))
 
 
 @pytest.mark.parametrize("dim", [-1, 1])
@@ -326,6 +473,60 @@ def test_lib_raw_ops_forward_grads_equal_backward_op():
     out = ops.lib_cosine_distance_forward(s, t, w1, None, w2, None, 1e-8, 0, 1.0, False)
     assert all(g.numel() == 0 for g in out[1:])
     torch.testing.assert_close(out[0], reference.cosine_distance(reference.lib_projection(s, w1, None, w2, None), t))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d_s,d_t,e,n,chunk_size", [
+    (24, 41, 96, 300, None),    # D_t not a multiple of the pack width: rows in several 16-byte phases
+    (24, 41, 96, 300, 7),
+    (64, 4096, 256, 200, 64),   # long projected rows: several warps per row
+])
+def test_lib_loss_odd_and_wide_teacher(dtype, d_s, d_t, e, n, chunk_size):
+    student = _randn(n, d_s, dtype=dtype).requires_grad_()
+    teacher = _randn(n, d_t, dtype=dtype, seed=2)
+    params = [p.requires_grad_() for p in _lib_params(d_s, d_t, e, dtype)]
+    out, grads = _grads(lambda s, *p: pycosdist.lib_cosine_distance_loss(s, teacher, *p, 1e-8, "mean", "nd",
+                                                                        chunk_size), student, *params)
+    ref_args = [a.detach().double().requires_grad_() for a in (student, *params)]
+    ref, ref_grads = _grads(lambda s, *p: reference.lib_cosine_distance_loss(s, teacher.double(), *p, 1e-8, "mean",
+                                                                            "nd"), *ref_args)
+    _assert_scaled_close(out, ref, LIB_TOL[dtype])
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        _assert_scaled_close(got, want, LIB_TOL[dtype])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lib_loss_float16_many_rows(bias):
+    """float16 at N = 65536 with reduction 'mean': dL/dp carries 1/N (~1.5e-5 times values of
+    order 1 / |p|), below float16's normal range; kept in float16 it flushes to zero and the
+    weight gradients come out wrong. p, dL/dp and the accumulations stay in float32."""
+    n, d_s, d_t, e = 65536, 32, 48, 128
+    student = _randn(n, d_s, dtype=torch.float16).requires_grad_()
+    teacher = _randn(n, d_t, dtype=torch.float16, seed=2)
+    params = [p.requires_grad_() if p is not None else None for p in _lib_params(d_s, d_t, e, torch.float16, bias)]
+    out = pycosdist.lib_cosine_distance_loss(student, teacher, *params)  # reduction 'mean'
+    out.backward()
+    ref_args = [a.detach().double().requires_grad_() if a is not None else None for a in (student, *params)]
+    ref = reference.lib_cosine_distance_loss(ref_args[0], teacher.double(), *ref_args[1:])
+    ref.backward()
+    _assert_scaled_close(out, ref, 1e-3)
+    for got, want in zip((student, *params), ref_args):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert got.grad.dtype == torch.float16 and torch.isfinite(got.grad).all()
+            assert want.grad.abs().max() > 0
+            # The student's gradient is ~1e-6 (1/N times ~0.1): float16 subnormals, whose spacing
+            # 2^-24 bounds how close the rounded result can be; the weights' sums over N are normal.
+            floor = 2.0 ** -24 if got is student else 0.0
+            torch.testing.assert_close(got.grad.double(), want.grad,
+                                       atol=1e-2 * want.grad.abs().max().item() + floor, rtol=1e-2)
+    # The raw op's distances (float32) against float64, row by row.
+    w1, b1, w2, b2 = (a.detach() if a is not None else None for a in params)
+    distance = ops.lib_cosine_distance_forward(student.detach(), teacher, w1, b1, w2, b2, 1e-8, 0, 1.0, False)[0]
+    want = reference.cosine_distance(reference.lib_projection(*(a.detach() if a is not None else None
+                                                                for a in ref_args)), teacher.double())
+    torch.testing.assert_close(distance.double(), want, atol=2e-3, rtol=2e-3)
 
 
 def test_lib_gradcheck():
