@@ -9,6 +9,7 @@ import csv
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -63,19 +64,20 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, device: torch.device | str = "cpu"
     return max(copy_bandwidths_gbs(nbytes, device).values())
 
 
-def reuse_freed_memory() -> bool:
-    """Make glibc keep freed large blocks in the heap (mmap threshold 1 GiB, no trimming) so that
-    every variant of a benchmark reuses its previous step's memory instead of page-faulting fresh
-    pages (~0.4 ms per MiB here, more than a memory-bound kernel's own time). Call once, before
-    the big allocations; applies to every variant alike. Returns False where unavailable."""
-    try:
-        import ctypes
+# glibc keeps freed blocks below these sizes in the heap instead of returning them to the kernel.
+REUSE_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+def reuse_freed_memory() -> None:
+    """Make glibc keep freed large blocks in the heap, so that every variant of a benchmark reuses
+    its previous step's memory instead of page-faulting fresh pages (~0.4 ms per MiB here, more
+    than a memory-bound kernel's own time); applies to every variant alike. glibc reads these
+    settings at start-up (mallopt at run time cannot raise the mmap threshold past 32 MiB), so
+    this re-executes the script with them set in the environment. Call first thing in main()."""
+    if all(os.environ.get(k) == v for k, v in REUSE_FREED_MEMORY_ENV.items()):
+        return
+    os.environ.update(REUSE_FREED_MEMORY_ENV)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def peak_rss_bytes(fn: Callable[[], object]) -> int:
