@@ -10,9 +10,9 @@ float64 for float64 inputs); the reduction happens here. Two paths:
 * two passes ('none', or nothing needs a gradient): ``cosine_distance_forward`` keeps 3 row stats,
   ``cosine_distance_backward`` reads the inputs again (inference pays nothing for gradients).
 
-Half types: the one-pass gradient is computed at the scale of 'sum' and 1/N is applied together
-with the upstream gradient, so a 'mean' gradient that a GradScaler factor brings back into range
-does not underflow on the way (float16, N >= 65536).
+float16: the one-pass gradient is computed at the scale of 'sum' and 1/N is applied together with
+the upstream gradient, so a 'mean' gradient that a GradScaler factor brings back into range does
+not underflow on the way (N >= 65536). bfloat16 has float32's exponent range: it needs no such care.
 
 Double backward (``create_graph=True``) recomputes the gradient with differentiable PyTorch ops
 (the float64-exact formula of ``pycosdist.reference``), so second-order terms are never dropped.
@@ -31,7 +31,6 @@ from .reference import REDUCTIONS
 
 _ops = torch.ops.pycosdist
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -127,10 +126,10 @@ class _CosineDistanceLoss(torch.autograd.Function):
         ctx.one_pass = reduction != "none" and (student_grad or teacher_grad)
         if ctx.one_pass:
             rows = math.prod(student.shape[:dim] + student.shape[dim:][1:])
-            # 'mean': float32 / float64 gradients come out final (1/N applied here, so a unit upstream
-            # gradient needs no second pass); half types keep the 'sum' scale (see module docstring).
+            # 'mean': the gradients come out final (1/N applied here, so a unit upstream gradient needs
+            # no second pass), except float16's, which keep the 'sum' scale (see module docstring).
             grad_scale = 1.0 / max(rows, 1) if reduction == "mean" else 1.0
-            in_kernel = 1.0 if student.dtype in _HALF else grad_scale
+            in_kernel = 1.0 if student.dtype == torch.float16 else grad_scale
             ctx.late_scale = grad_scale / in_kernel
             distance, grad_s, grad_t = _ops.cosine_distance_forward_with_grad(
                 student, teacher, dim, eps, in_kernel, student_grad, teacher_grad)
