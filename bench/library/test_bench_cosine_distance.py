@@ -1,7 +1,7 @@
 """pytest-benchmark suite: cosine_distance loss forward + backward, pycosdist vs the eager and
 torch.compile'd reference and the compiled hand formulation, side by side per size (one benchmark group per size).
 
-    PYTHONPATH=. .venv/bin/pytest -q bench/test_bench_cosine_distance.py
+    cd bench/library && PYTHONPATH=../.. ../../.venv/bin/pytest -q test_bench_cosine_distance.py
 """
 
 from __future__ import annotations
