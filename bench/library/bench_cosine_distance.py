@@ -27,6 +27,7 @@ bench/results/cosine_distance_cpu.csv (.md: the table).
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from pathlib import Path
@@ -96,6 +97,8 @@ def time_config(dtype: torch.dtype, n: int, d: int, quick: bool = False) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--only", metavar="DTYPE:NxD", action="append",
+                        help="run only these configurations, e.g. float32:65536x512 (repeatable)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="glibc's default allocation policy (every variant page-faults its outputs)")
     args = parser.parse_args()
@@ -108,7 +111,13 @@ def main() -> None:
     copy_gbs = max(copies.values())
     machine = machine_description()
     rows = []
-    for dtype, n, d in CONFIGS:
+    configs = CONFIGS
+    if args.only:
+        configs = [c for c in CONFIGS if f"{str(c[0]).removeprefix('torch.')}:{c[1]}x{c[2]}" in args.only]
+        if len(configs) != len(args.only):
+            parser.error(f"--only: expected some of {[f'{str(c[0])[6:]}:{c[1]}x{c[2]}' for c in CONFIGS]}, "
+                         f"got {args.only}")
+    for dtype, n, d in configs:
         t = time_config(dtype, n, d, args.quick)
         nbytes = 3 * n * d * torch.empty((), dtype=dtype).element_size()
         ours = t["pycosdist"]
@@ -122,18 +131,48 @@ def main() -> None:
         print(rows[-1], flush=True)
     load_after = os.getloadavg()[0]
     copy_text = ", ".join(f"{k} {v:.1f}" for k, v in copies.items())
-    header = (f"cosine_distance forward+backward (mean), median times; copy ceiling {copy_gbs:.1f} GB/s "
-              f"(best of: {copy_text}); allocation: {allocator}; load average {load_before:.2f} before, "
-              f"{load_after:.2f} after; {machine}; torch {torch.__version__}")
-    table = format_table(rows)
-    print(f"\n{header}\n\n{table}")
+    run = (f"copy ceiling {copy_gbs:.1f} GB/s (best of: {copy_text}); allocation: {allocator}; "
+           f"load average {load_before:.2f} before, {load_after:.2f} after")
+    print(f"\ncosine_distance forward+backward (mean), median times; {run}; {machine}; torch {torch.__version__}\n")
+    print(format_table(rows))
     extra = {"copy GB/s": copy_gbs, **{f"{k} GB/s": v for k, v in copies.items()}, "allocation": allocator,
              "load before": load_before, "load after": load_after, "machine": machine, "torch": torch.__version__}
-    suffix = "_default_malloc" if args.default_malloc else ""
-    path = write_csv(f"cosine_distance_cpu{suffix}.csv", [{**r, **extra} for r in rows])
-    (RESULTS_DIR / f"cosine_distance_cpu{suffix}.md").write_text(f"{header}\n\n{table}\n")
+    name = "cosine_distance_cpu" + ("_default_malloc" if args.default_malloc else "")
+    rows = [{**r, **extra} for r in rows]
+    if args.only:  # replace those configurations in the previous results, keep the others
+        rows = _merge(RESULTS_DIR / f"{name}.csv", rows)
+    path = write_csv(f"{name}.csv", rows)
+    _write_markdown(RESULTS_DIR / f"{name}.md", rows)
     print(f"\nwrote {path}")
 
+
+def _merge(path: Path, new_rows: list[dict]) -> list[dict]:
+    key = lambda r: (str(r["dtype"]), int(r["N"]), int(r["D"]))  # noqa: E731
+    old = list(csv.DictReader(path.open())) if path.exists() else []
+    fresh = {key(r) for r in new_rows}
+    kept = [r for r in old if key(r) not in fresh and set(r) == set(new_rows[0])]
+    order = {key(r): i for i, r in enumerate(kept + new_rows)}
+    configs = [(str(c[0]).removeprefix("torch."), c[1], c[2]) for c in CONFIGS]
+    return sorted(kept + new_rows, key=lambda r: configs.index(key(r)) if key(r) in configs else len(configs) + order[key(r)])
+
+
+def _write_markdown(path: Path, rows: list[dict]) -> None:
+    """The table, then each row's run conditions (rows may come from separate runs)."""
+    cols = [c for c in rows[0] if c not in ("machine", "torch", "allocation") and not c.endswith("GB/s") or c == "GB/s"]
+    cell = lambda v: f"{float(v):.3g}" if _is_float(v) else str(v)  # noqa: E731
+    lines = ["cosine_distance forward + backward (mean), median times; % copy against the best copy of the run.", "",
+             "| " + " | ".join(cols) + " | copy GB/s |", "|" + "---|" * (len(cols) + 1)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + f" | {cell(r['copy GB/s'])} |" for r in rows]
+    lines += ["", f"machine: {rows[0]['machine']}, torch {rows[0]['torch']}, allocation: {rows[0]['allocation']}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _is_float(v) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return not str(v).isdigit()
 
 if __name__ == "__main__":
     main()
