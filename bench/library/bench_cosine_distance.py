@@ -2,7 +2,8 @@
 reference eager and torch.compile'd, the eager idiom and a hand-written formulation, side by side
 in one run, against the copy-bandwidth ceiling.
 
-    PYTHONPATH=. .venv/bin/python bench/library/bench_cosine_distance.py [--quick] [--default-malloc]
+    PYTHONPATH=. .venv/bin/python bench/library/bench_cosine_distance.py [--quick] [--only DTYPE:NxD]
+        [--threads N] [--default-malloc]
 
 Variants (all: mean over rows, student requires grad, teacher a constant, as in distillation):
   pycosdist            loss.backward(): one pass (gradient computed in the forward, upstream 1)
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--only", metavar="DTYPE:NxD", action="append",
                         help="run only these configurations, e.g. float32:65536x512 (repeatable)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); results get a _threadsN suffix")
     parser.add_argument("--default-malloc", action="store_true",
                         help="glibc's default allocation policy (every variant page-faults its outputs)")
     args = parser.parse_args()
@@ -106,6 +108,8 @@ def main() -> None:
     if not args.default_malloc:
         reuse_freed_memory()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     copies = copy_bandwidths_gbs()
     copy_gbs = max(copies.values())
@@ -138,6 +142,7 @@ def main() -> None:
     extra = {"copy GB/s": copy_gbs, **{f"{k} GB/s": v for k, v in copies.items()}, "allocation": allocator,
              "load before": load_before, "load after": load_after, "machine": machine, "torch": torch.__version__}
     name = "cosine_distance_cpu" + ("_default_malloc" if args.default_malloc else "")
+    name += f"_threads{args.threads}" if args.threads else ""
     rows = [{**r, **extra} for r in rows]
     if args.only:  # replace those configurations in the previous results, keep the others
         rows = _merge(RESULTS_DIR / f"{name}.csv", rows)
