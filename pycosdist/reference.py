@@ -20,7 +20,11 @@ def reduce(values: Tensor, reduction: str) -> Tensor:
 
 
 def cosine_distance(student: Tensor, teacher: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """Per-row 1 - <s, t> / (max(|s|, eps) * max(|t|, eps)) along ``dim``."""
+    """Per-row 1 - <s, t> / (max(|s|, eps) * max(|t|, eps)) along ``dim``.
+
+    With ``eps=0`` an all-zero row gives 0/0: its distance and its gradients are NaN (the
+    documented behaviour of ``pycosdist.cosine_distance_loss`` too). Run it in float64 for the
+    full range: float32 squares overflow for ``|x|`` above ~1e18."""
     dot = (student * teacher).sum(dim)
     norm_s = torch.linalg.vector_norm(student, dim=dim).clamp_min(eps)
     norm_t = torch.linalg.vector_norm(teacher, dim=dim).clamp_min(eps)
