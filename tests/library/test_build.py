@@ -12,6 +12,7 @@ import pycosdist
 OPS = [
     "cosine_distance_forward",
     "cosine_distance_backward",
+    "cosine_distance_forward_with_grad",
     "lib_projection_forward",
     "lib_projection_backward",
     "lib_cosine_distance_forward",
