@@ -4,7 +4,8 @@ Source: Debian's ``ktuberling-data`` (``apt-get install ktuberling-data``, GPL-2
 about 1,400 readable OGG files, 23 minutes of single words spoken by real people, one folder per
 language (we take a folder as one speaker; the ``sr@...`` script variants share a speaker). An
 utterance is ``words_per_utt`` words of one speaker, each trimmed of its leading/trailing silence,
-joined by 150-350 ms pauses: 3-5 s, long enough for PESQ and STOI.
+joined by 150-350 ms pauses: 3-5 s, long enough for PESQ and STOI. Speakers whose recordings carry
+their own background noise are left out (:data:`MIN_DYNAMIC_RANGE_DB`; listed in the manifest).
 
 Two test-only corpora in the VoiceBank+DEMAND layout (see :mod:`pycosdist.denoise.data`), the same
 clean utterances in both, for ``pycosdist evaluate --data DIR/stationary`` (or ``DIR/babble``):
@@ -32,6 +33,11 @@ KTUBERLING_DIR = Path("/usr/share/ktuberling/sounds")
 STATIONARY_NOISES = ("white", "pink", "brown")  # generated: see the module docstring
 REAL_SNRS = (0.0, 5.0, 10.0)
 VALID_SPEAKERS = 8  # speakers of the "valid" split (to choose a recipe on); the others are "test"
+# A speaker whose recordings carry their own background noise is no clean reference: scoring a
+# denoiser against it rewards keeping noise. Gate: the median over the speaker's words of the
+# level ratio between the loud (95th percentile) and quiet (10th) 10 ms frames of the raw file must
+# reach this. (ktuberling: gl 12 dB, sr 14 dB, nl 18 dB fail; the others have 25-86 dB.)
+MIN_DYNAMIC_RANGE_DB = 20.0
 SPLITS = ("test", "valid")
 SUBSETS = ("stationary", "babble")
 MANIFEST = "manifest.json"
@@ -70,17 +76,31 @@ def trim_silence(x: np.ndarray, threshold_db: float = -40.0, margin_s: float = 0
     return x[max(0, loud[0] * frame - margin):min(len(x), (loud[-1] + 1) * frame + margin)]
 
 
-def _load_words(files: list[Path]) -> list[tuple[str, np.ndarray]]:
-    """(file stem, trimmed 16 kHz mono float64) of each readable file of 0.15-4 s speech; others skipped."""
-    out = []
+def dynamic_range_db(x: np.ndarray) -> float:
+    """10 log10 of the 95th over the 10th percentile of the 10 ms frame energies of ``x`` (samples,):
+    high for speech over silence, low when a recording's pauses hold noise."""
+    frame = SAMPLE_RATE // 100
+    n = len(x) // frame
+    if n < 2:
+        return 0.0
+    energy = (np.asarray(x[:n * frame], dtype=np.float64).reshape(n, frame) ** 2).mean(1) + 1e-20
+    return float(10 * np.log10(np.percentile(energy, 95) / np.percentile(energy, 10)))
+
+
+def _load_words(files: list[Path]) -> tuple[list[tuple[str, np.ndarray]], float]:
+    """[(file stem, trimmed 16 kHz mono float64)] of each readable file of 0.15-4 s speech (others
+    skipped), and the median :func:`dynamic_range_db` of their raw recordings."""
+    out, ranges = [], []
     for f in files:
         try:
-            x = trim_silence(to_mono_16k(*read_audio(f)).astype(np.float64))
+            raw = to_mono_16k(*read_audio(f)).astype(np.float64)
         except AudioError:
             continue
+        x = trim_silence(raw)
         if 0.15 * SAMPLE_RATE <= len(x) <= 4 * SAMPLE_RATE and np.abs(x).max() > 1e-3:
             out.append((f.stem, x))
-    return out
+            ranges.append(dynamic_range_db(raw))
+    return out, float(np.median(ranges)) if ranges else 0.0
 
 
 def split_speakers(speakers, split: str, seed: int = 0) -> list[str]:
@@ -97,13 +117,18 @@ def split_speakers(speakers, split: str, seed: int = 0) -> list[str]:
 
 
 def _utterances(speakers: dict[str, list[Path]], seed: int, utts_per_speaker: int, words_per_utt: int):
-    """[(name, speaker, words, clean float64)]: each speaker's words shuffled and taken in turn."""
-    utts = []
+    """[(name, speaker, words, clean float64)] (each speaker's words shuffled and taken in turn) and
+    ``{speaker: reason}`` for the speakers left out."""
+    utts, excluded = [], {}
     for spk, files in sorted(speakers.items()):
         k = int.from_bytes(spk.encode()[:8], "little")  # the speaker's own stream: independent of the split
-        words = _load_words(files)
+        words, dynamic_range = _load_words(files)
         if len(words) < words_per_utt:
-            continue  # too few usable recordings for one utterance
+            excluded[spk] = f"{len(words)} usable recordings (< {words_per_utt} words per utterance)"
+            continue
+        if dynamic_range < MIN_DYNAMIC_RANGE_DB:
+            excluded[spk] = f"noisy recordings: dynamic range {dynamic_range:.1f} dB < {MIN_DYNAMIC_RANGE_DB:g} dB"
+            continue
         rng = np.random.default_rng([seed, k])
         order = rng.permutation(len(words))
         for j in range(utts_per_speaker):
@@ -113,7 +138,7 @@ def _utterances(speakers: dict[str, list[Path]], seed: int, utts_per_speaker: in
                 parts += [x / (np.sqrt(np.mean(x ** 2)) + 1e-12),  # words of one file set differ in level
                           np.zeros(int(rng.uniform(0.15, 0.35) * SAMPLE_RATE))]
             utts.append((f"{spk.replace('_', '-')}_{j + 1:03d}", spk, [w for w, _ in pick], np.concatenate(parts[:-1])))
-    return utts
+    return utts, excluded
 
 
 def _babble_noise(n: int, rng: np.random.Generator, others: list[np.ndarray]) -> np.ndarray:
@@ -169,16 +194,17 @@ def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str
         raise ValueError("snrs: expected a non-empty list of SNRs in dB")
     all_speakers = find_speakers(source_dir)
     speakers = {k: all_speakers[k] for k in split_speakers(all_speakers, split, int(seed))}
-    params = dict(seed=int(seed), source_dir=str(source_dir), split=split, utts_per_speaker=int(utts_per_speaker),
+    params = dict(seed=int(seed), source_dir=str(source_dir), split=split, min_dynamic_range_db=MIN_DYNAMIC_RANGE_DB,
+                  utts_per_speaker=int(utts_per_speaker),
                   words_per_utt=int(words_per_utt), snrs=snrs, stationary_noises=list(STATIONARY_NOISES),
                   sample_rate=SAMPLE_RATE)
     if _check_params(params, out_dir, overwrite):
         return out_dir
 
-    utts = _utterances(speakers, int(seed), int(utts_per_speaker), int(words_per_utt))
+    utts, excluded = _utterances(speakers, int(seed), int(utts_per_speaker), int(words_per_utt))
     if len({u[1] for u in utts}) < 2:
-        raise ValueError(f"source_dir: {source_dir} needs at least 2 speakers with >= {words_per_utt} usable "
-                         f"recordings each (babble is made of other speakers)")
+        raise ValueError(f"source_dir: {source_dir} needs at least 2 {split} speakers with >= {words_per_utt} usable, "
+                         f"clean recordings each (babble is made of other speakers); left out: {excluded}")
     from .synth import make_noise, mix_at_snr
 
     files = []
@@ -199,6 +225,6 @@ def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str
         files.append(dict(name=name, speaker=spk, words=words, stationary_noise=kind, snr_db=snr,
                           seconds=round(len(clean) / SAMPLE_RATE, 3)))
     manifest = dict(params=params, source="ktuberling-data (Debian), GPL-2+: words spoken by real people",
-                    speakers=sorted({f["speaker"] for f in files}), files=files)
+                    speakers=sorted({f["speaker"] for f in files}), excluded_speakers=excluded, files=files)
     write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     return out_dir

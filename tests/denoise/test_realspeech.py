@@ -17,7 +17,8 @@ import soundfile as sf
 from pycosdist.denoise import cli, data, evaluation, realspeech, report
 from pycosdist.denoise.audio import read_audio
 
-SPEAKERS = [f"s{k:02d}" for k in range(11)]  # > VALID_SPEAKERS + 1, so both splits have speakers
+SPEAKERS = [f"s{k:02d}" for k in range(12)]  # > VALID_SPEAKERS + 2, so both splits have 2 clean speakers
+NOISY = "s11"  # its recordings carry background noise: never a reference
 WORDS = 5  # per speaker: the CLI's default utterance length
 
 
@@ -35,8 +36,11 @@ def source(tmp_path_factory):
             t = np.arange(int(rng.uniform(0.3, 0.6) * sr)) / sr
             word = np.sin(2 * np.pi * _tone_hz(k, w) * t) * np.hanning(len(t)) * 0.5
             pad = np.zeros(int(0.2 * sr))  # leading/trailing silence, trimmed by the builder
+            x = np.concatenate([pad, word, pad])
+            if spk == NOISY:
+                x = x + 0.05 * rng.standard_normal(len(x))
             (root / spk).mkdir(parents=True, exist_ok=True)
-            sf.write(str(root / spk / f"word{w}.ogg"), np.concatenate([pad, word, pad]), sr)
+            sf.write(str(root / spk / f"word{w}.ogg"), x, sr)
     (root / "s00@latin").mkdir()  # a script variant: the same speaker as s00
     sf.write(str(root / "s00@latin" / "extra.wav"), 0.3 * np.sin(np.arange(8000) / 5.0), 16000)
     (root / "s01" / "broken.ogg").write_text("not audio")  # skipped, never fatal
@@ -70,6 +74,17 @@ def test_speakers_and_splits(source):
         realspeech.split_speakers(speakers, "train")
 
 
+def test_dynamic_range_separates_clean_from_noisy_recordings():
+    rng = np.random.default_rng(1)
+    word = np.concatenate([np.zeros(3200), 0.5 * np.sin(np.arange(8000) / 3.0), np.zeros(3200)])
+    # 95th percentile frame: the tone (power 0.125); 10th: the silence (power 0) or the noise floor.
+    assert realspeech.dynamic_range_db(word) > 100
+    noisy = word + 0.05 * rng.standard_normal(len(word))
+    expected = 10 * np.log10((0.125 + 0.0025) / 0.0025)
+    assert abs(realspeech.dynamic_range_db(noisy) - expected) < 1.0
+    assert realspeech.dynamic_range_db(noisy) < realspeech.MIN_DYNAMIC_RANGE_DB
+
+
 def test_trim_silence_keeps_the_word():
     x = np.concatenate([np.zeros(8000), 0.5 * np.ones(4000), np.zeros(8000)])
     y = realspeech.trim_silence(x)
@@ -80,7 +95,10 @@ def test_trim_silence_keeps_the_word():
 def test_layout_snr_and_manifest(built, source):
     manifest = json.loads((built / "manifest.json").read_text())
     test_speakers = realspeech.split_speakers(realspeech.find_speakers(source), "test")
+    excluded = [NOISY] if NOISY in test_speakers else []
+    test_speakers = [s for s in test_speakers if s != NOISY]
     assert manifest["speakers"] == test_speakers and manifest["params"]["split"] == "test"
+    assert list(manifest["excluded_speakers"]) == excluded
     names = sorted(f["name"] for f in manifest["files"])
     assert names == sorted(f"{s}_001" for s in test_speakers)
     for subset in realspeech.SUBSETS:
