@@ -170,7 +170,7 @@ def _check_params(params: dict, out_dir: Path, overwrite: bool) -> bool:
     return False
 
 
-def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str = "test", utts_per_speaker: int = 2,
+def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str = "test", utts_per_speaker: int = 3,
                    words_per_utt: int = 5, snrs=REAL_SNRS, overwrite: bool = False) -> Path:
     """Writes the real-speech evaluation set (see the module docstring) to ``out_dir``; returns it.
 
