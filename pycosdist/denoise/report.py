@@ -158,6 +158,8 @@ def _plt():
 
 
 def _spec_db(wave: np.ndarray) -> np.ndarray:
+    import torch  # was missing: plot_spectrograms (the demo's figures stage) raised NameError
+
     from .models import HOP, N_FFT
 
     x = torch.as_tensor(wave, dtype=torch.float32)

@@ -206,3 +206,11 @@ def test_spectral_gating_row(built, tmp_path):
     assert rows[1]["n_ok"] == len(dataset) and rows[1]["si_sdr"] != rows[0]["si_sdr"]
     gains = report.gain_rows(rows, tmp_path)
     assert gains[0]["model"] == evaluation.SPECTRAL_GATING and "pesq_vs_gating" not in gains[0]
+
+
+def test_plot_spectrograms_writes_one_png_per_row(tmp_path):
+    """The demo's figures stage (it raised NameError: report.py used torch without importing it)."""
+    waves = {"noisy input": np.random.default_rng(0).standard_normal(8000), "clean": np.zeros(8000) + 1e-3}
+    paths = report.plot_spectrograms(waves, tmp_path, title="t")
+    assert [p.name for p in paths] == ["spectrograms.png", "spec_noisy_input.png", "spec_clean.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
