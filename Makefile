@@ -19,7 +19,12 @@ $(DEPS):
 build: $(DEPS)
 	$(VPY) -m pip install -q --no-build-isolation ".[all]"
 
+# The demo's real-speech table needs Debian's ktuberling-data (recorded human voices, GPL-2+); as root
+# it is installed here, otherwise the demo skips that table and says so.
 demo: build
+	@dpkg -s ktuberling-data >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq ktuberling-data) >/dev/null 2>&1; } || \
+	  echo "note: ktuberling-data is not installed; the demo skips the real-speech table"
 	$(VENV)/bin/pycosdist demo
 
 # The test command (README, CI). Runs the installed package (tests/ is not a package, so the

@@ -36,12 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("synth", help="synthesize a noisy-speech corpus (espeak-ng + noises)")
     s.add_argument("out", type=Path)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train-speakers", type=int, default=8)
+    s.add_argument("--train-speakers", type=int, default=20)
     s.add_argument("--test-speakers", type=int, default=2)
-    s.add_argument("--utts", type=int, default=25, help="utterances per training speaker")
+    s.add_argument("--utts", type=int, default=10, help="utterances per training speaker")
     s.add_argument("--test-utts", type=int, default=15, help="utterances per test speaker")
     s = dsub.add_parser("prepare", help="make 16 kHz copies of a VoiceBank+DEMAND corpus")
     s.add_argument("root", type=Path)
+    s = dsub.add_parser("realtest", help="real-speech evaluation set: recorded human voices (Debian's ktuberling-data) "
+                                         "+ stationary noises and, separately, babble (DIR/stationary, DIR/babble)")
+    s.add_argument("out", type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split", choices=("test", "valid"), default="test",
+                   help="test: the speakers to report on; valid: other speakers, to choose a recipe on")
+    s.add_argument("--source", type=Path, default=None,
+                   help="folder of recordings, one sub-folder per speaker (default: /usr/share/ktuberling/sounds)")
 
     p = sub.add_parser("train-teacher", help="train a model without KD (a teacher, or any preset)")
     _add_train_args(p)
@@ -188,6 +196,13 @@ def main(argv=None) -> int:
                 out = synthesize_corpus(args.out, n_train_speakers=args.train_speakers, n_test_speakers=args.test_speakers,
                                         utts_per_speaker=args.utts, test_utts_per_speaker=args.test_utts, seed=args.seed)
                 print(f"corpus written to {out}")
+            elif args.data_command == "realtest":
+                from . import realspeech
+
+                out = realspeech.build_realtest(args.out, seed=args.seed, split=args.split,
+                                                source_dir=args.source or realspeech.KTUBERLING_DIR)
+                print(f"real-speech {args.split} set written to {out} (evaluate on {out / 'stationary'} and "
+                      f"{out / 'babble'})")
             else:
                 from .data import prepare_16k
 

@@ -61,6 +61,14 @@ def find_split_dirs(root, split: str) -> tuple[Path, Path]:
     raise FileNotFoundError(f"no {split} split under {root}: looked for directory pairs {looked}")
 
 
+def _has_split(root: Path, split: str) -> bool:
+    try:
+        find_split_dirs(root, split)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def _wav_files(d: Path) -> list[Path]:
     # Hidden files are skipped: they include write_audio's in-flight temporaries.
     return sorted(p for p in d.iterdir() if p.suffix.lower() == ".wav" and not p.name.startswith("."))
@@ -228,12 +236,16 @@ def load_corpus(root, valid_speakers: int | Sequence[str] = 2, segment_seconds: 
                 seed: int = 0) -> Corpus:
     """Loads ``root`` (VoiceBank+DEMAND or a synthetic corpus): prepares 16 kHz copies if needed,
     holds out ``valid_speakers`` training speakers for validation. ``train`` yields random crops of
-    ``segment_seconds``; ``valid`` and ``test`` yield whole files."""
+    ``segment_seconds``; ``valid`` and ``test`` yield whole files. A root with a test split only (an
+    evaluation set) gives empty ``train`` and ``valid``."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"root: corpus directory {root} does not exist")
     prepare_16k(root)
-    train_pairs, valid_pairs = speaker_split(pair_files(*find_split_dirs(root, "train")), valid_speakers)
+    if _has_split(root, "train"):
+        train_pairs, valid_pairs = speaker_split(pair_files(*find_split_dirs(root, "train")), valid_speakers)
+    else:  # a test-only set (e.g. pycosdist.denoise.realspeech): nothing to train or validate on
+        train_pairs, valid_pairs = [], []
     test_pairs = pair_files(*find_split_dirs(root, "test"))
     return Corpus(
         train=PairedAudioDataset(train_pairs, segment_seconds=segment_seconds, seed=seed),

@@ -24,6 +24,7 @@ from .report import evaluate_checkpoints, paired_gain, plot_spectrograms, plot_t
 # over lambda in {0.1, 0.3, 1, 3, 10} with this teacher and student; see README).
 DEMO_TEACHER = {
     "model": {"preset": "teacher"},
+    "data": {"remix": True},  # issue 10: new noise/SNR/gain combinations every step, for real voices
     "train": {"epochs": 8, "batch_size": 8, "lr": 3e-3, "valid_metric": "pesq"},
 }
 DEMO_STUDENT = {
@@ -106,3 +107,42 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print) -
     log("\n" + text_table(rows) + "\n\n" + notes)
     log(f"report written to {out}/ (results.md/.csv/.json, spectrograms.png, training_curves.png)")
     return {"rows": rows, **extra}
+
+
+# --- the real-speech tables (issue 10) ---------------------------------------------------------------
+def realspeech_report(checkpoints: dict, out="report", workers: int = 2, progress: bool = True, log=print,
+                      seed: int = 0) -> dict | None:
+    """Scores ``{label: checkpoint path}`` (plus the noisy input and spectral gating) on the
+    real-speech TEST set (:mod:`pycosdist.denoise.realspeech`, built once under ``<out>/work/realtest``):
+    one table for stationary noises, one for the babble interferer, each with a gains table (paired
+    per-file differences ± standard error). Writes ``<out>/realspeech/{stationary,babble}/results.*``
+    and ``<out>/realspeech/results.md``; returns ``{subset: {"rows", "gains"}}``, or None (with a
+    message) when the recordings (Debian's ``ktuberling-data``) are not installed."""
+    from . import data, realspeech
+    from .report import GAIN_COLUMNS, gain_rows, markdown_table
+
+    out = Path(out)
+    try:
+        root = realspeech.build_realtest(out / "work" / "realtest", seed=seed, split="test")
+    except FileNotFoundError as e:
+        log(f"real-speech tables skipped: {e}")
+        return None
+    results, md = {}, ["# Results on real human speech (ktuberling-data recordings, test speakers)\n"]
+    for subset in realspeech.SUBSETS:
+        eval_dir = out / "work" / "eval_realspeech" / subset
+        rows = evaluate_checkpoints(checkpoints, data.load_corpus(root / subset).test, eval_dir,
+                                    workers=workers, progress=progress)
+        gains = gain_rows(rows, eval_dir)
+        write_results(out / "realspeech" / subset, rows, {"gains": gains, "subset": subset})
+        results[subset] = {"rows": rows, "gains": gains}
+        title = ("white/pink/brown noise (generated, stationary)" if subset == "stationary"
+                 else "babble of other real speakers (speech-like interferer)")
+        md += [f"\n## {subset}: {title}, SNR 0/5/10 dB, {rows[0]['n_ok']} files\n\n", markdown_table(rows),
+               "\nGains (mean per-file difference ± paired standard error):\n\n",
+               markdown_table(gains, GAIN_COLUMNS)]
+        log(f"\nreal speech, {subset}:\n" + text_table(rows) + "\n" + text_table(gains, GAIN_COLUMNS))
+    (out / "realspeech").mkdir(parents=True, exist_ok=True)
+    from .audio import write_text_atomic
+
+    write_text_atomic(out / "realspeech" / "results.md", "".join(md))
+    return results

@@ -230,3 +230,25 @@ def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 
 def evaluate_noisy(dataset, out_dir, workers: int = 2, progress: bool = False) -> dict:
     """The unprocessed-input row: scores the noisy input itself (label ``noisy``)."""
     return evaluate(lambda noisy: noisy, dataset, out_dir, "noisy", workers=workers, progress=progress)
+
+
+# --- non-learned baseline --------------------------------------------------------------------------
+SPECTRAL_GATING = "spectral gating (noisereduce)"
+
+
+def spectral_gating(noisy, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Stationary spectral gating of ``noisy`` (samples,) with ``noisereduce`` (its defaults: the noise
+    profile is the per-frequency mean + 1.5 std of the file's own dB spectrogram; bins under it are
+    gated): the classical, non-learned baseline row. Needs the optional ``noisereduce`` package."""
+    import noisereduce
+
+    x = _as_array(noisy, "noisy")
+    return np.asarray(noisereduce.reduce_noise(y=x, sr=sr, stationary=True), dtype=np.float64)
+
+
+def evaluate_enhancer(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 2,
+                      progress: bool = False) -> dict:
+    """Scores any callable enhancer ``enhance_fn(noisy (samples,)) -> (samples,)`` (a classical method,
+    an exported model, ...) on ``dataset`` like a checkpoint: same files, same metrics, same summary
+    as :func:`evaluate` (files named after ``label`` with spaces as underscores)."""
+    return evaluate(enhance_fn, dataset, out_dir, label.replace(" ", "_"), workers=workers, progress=progress)

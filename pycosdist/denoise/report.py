@@ -54,10 +54,37 @@ def write_results(out_dir, rows: list[dict], extra: dict | None = None, columns=
 
 
 # --- evaluation of checkpoints ---------------------------------------------------------------------
+def enhancer_row(label: str, enhance_fn, dataset, out_dir, workers: int = 2, progress: bool = False) -> dict:
+    """The table row of a non-learned enhancer ``enhance_fn(noisy (samples,)) -> (samples,)`` scored
+    on ``dataset`` (per-file scores in ``out_dir``); params and MACs are 0 (nothing learned)."""
+    from . import evaluation
+
+    s = evaluation.evaluate_enhancer(enhance_fn, dataset, out_dir, label, workers=workers, progress=progress)
+    return {"model": label, "method": "-", "preset": "-", "params": 0, "mmacs_per_s": 0.0,
+            **{m: s[m] for m in METRICS}, "n_ok": s["n_ok"], "n_failed": s["n_failed"]}
+
+
+def baseline_rows(dataset, out_dir, workers: int = 2, progress: bool = False) -> list[dict]:
+    """The spectral-gating baseline row (:func:`pycosdist.denoise.evaluation.spectral_gating`), or no
+    row with a warning when the optional ``noisereduce`` package is missing."""
+    import importlib.util
+    import warnings
+
+    from . import evaluation
+
+    if importlib.util.find_spec("noisereduce") is None:
+        warnings.warn("noisereduce is not installed (pip install noisereduce, or the [train] extra): "
+                      "the spectral-gating baseline row is left out")
+        return []
+    return [enhancer_row(evaluation.SPECTRAL_GATING, evaluation.spectral_gating, dataset, out_dir,
+                         workers=workers, progress=progress)]
+
+
 def evaluate_checkpoints(checkpoints: dict, dataset, out_dir, workers: int = 2, with_noisy: bool = True,
-                         progress: bool = False, device="cpu") -> list[dict]:
-    """One row per ``{label: checkpoint path}`` (and first the noisy input): params, MACs, mean
-    PESQ / STOI / SI-SDR over ``dataset`` (per-file scores in ``out_dir``); the models run on ``device``."""
+                         progress: bool = False, with_baseline: bool = True, device="cpu") -> list[dict]:
+    """One row per ``{label: checkpoint path}`` (and first the noisy input, then the non-learned
+    spectral-gating baseline): params, MACs, mean PESQ / STOI / SI-SDR over ``dataset`` (per-file
+    scores in ``out_dir``); the models run on ``device``."""
     from . import evaluation
     from .models import count_macs, count_parameters
     from .training import load_model
@@ -67,6 +94,8 @@ def evaluate_checkpoints(checkpoints: dict, dataset, out_dir, workers: int = 2, 
         s = evaluation.evaluate_noisy(dataset, out_dir, workers=workers, progress=progress)
         rows.append({"model": "noisy input", "method": "-", "preset": "-", "params": 0, "mmacs_per_s": 0.0,
                      **{m: s[m] for m in METRICS}, "n_ok": s["n_ok"], "n_failed": s["n_failed"]})
+    if with_baseline:
+        rows += baseline_rows(dataset, out_dir, workers=workers, progress=progress)
     for label, path in checkpoints.items():
         model, ckpt = load_model(path)
         model = model.to(device)
@@ -95,6 +124,31 @@ def paired_gain(eval_dir, label_a: str, label_b: str, metric: str = "pesq") -> t
     return float(diffs.mean()), float(diffs.std(ddof=1) / np.sqrt(len(diffs))), len(diffs)
 
 
+def gain_rows(rows: list[dict], eval_dir) -> list[dict]:
+    """Per model row (all but the noisy input): mean per-file PESQ and STOI gain over the noisy input
+    and PESQ gain over the spectral-gating baseline (if it was scored), each with its paired
+    standard error, from the per-file scores in ``eval_dir``."""
+    from .evaluation import SPECTRAL_GATING
+
+    labels = [r["model"] for r in rows]
+    out = []
+    for label in labels:
+        if label == "noisy input":
+            continue
+        row = {"model": label}
+        for key, ref, metric in (("pesq_vs_noisy", "noisy", "pesq"), ("stoi_vs_noisy", "noisy", "stoi"),
+                                 ("pesq_vs_gating", SPECTRAL_GATING, "pesq")):
+            if ref == SPECTRAL_GATING and (ref not in labels or label == ref):
+                continue
+            g = paired_gain(eval_dir, ref, label, metric)
+            row[key] = None if g is None else f"{g[0]:+.3f} ± {g[1]:.3f}"
+        out.append(row)
+    return out
+
+
+GAIN_COLUMNS = ("model", "pesq_vs_noisy", "stoi_vs_noisy", "pesq_vs_gating")
+
+
 def _plt():
     import matplotlib
 
@@ -105,6 +159,8 @@ def _plt():
 
 
 def _spec_db(wave: np.ndarray) -> np.ndarray:
+    import torch  # was missing: plot_spectrograms (the demo's figures stage) raised NameError
+
     from .models import HOP, N_FFT
 
     x = torch.as_tensor(wave, dtype=torch.float32)

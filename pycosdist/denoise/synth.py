@@ -5,6 +5,12 @@ drive it through ctypes). A speaker is a distinct (voice, variant, rate, pitch) 
 utterance a sentence drawn from word lists. Noises: white, pink, brown, babble (other speakers'
 speech), mains hum with harmonics, and non-stationary bursts, mixed at the VoiceBank+DEMAND SNRs.
 Everything follows from ``seed``: the same seed writes identical files.
+
+To generalize to real voices (issue 10) the default corpus has many short-lived speakers (voices
+x variants, the Klatt-based "human" variants included), augments the training speech
+(:mod:`pycosdist.denoise.augment`: speed, EQ, small rooms), adds generated non-stationary and
+structured noises (speech-shaped, traffic-like rumble, music-like tones, clicks) and trains down
+to -5 dB SNR. The test split is never augmented.
 """
 
 from __future__ import annotations
@@ -19,13 +25,19 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE, to_mono_16k, write_audio, write_text_atomic
+from .augment import augment_speech
 from .data import SPLIT_DIRS, SUFFIX_16K
 
-NOISE_TYPES = ("white", "pink", "brown", "babble", "hum", "bursts")
-TRAIN_SNRS = (0.0, 5.0, 10.0, 15.0)
+NOISE_TYPES = ("white", "pink", "brown", "babble", "hum", "bursts", "speech_shaped", "traffic", "tones", "clicks")
+TRAIN_SNRS = (-5.0, 0.0, 5.0, 10.0, 15.0)
 TEST_SNRS = (2.5, 7.5, 12.5, 17.5)
 VOICES = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
-VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4")
+# espeak-ng voice variants that sound like people (the Klatt-based ones add breath and other glottal
+# sources); robotic, whispered and effect variants are left out.
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2", "klatt3",
+            "klatt4", "Andy", "Annie", "adam", "aunty", "belinda", "benjamin", "caleb", "david", "edward", "grandma",
+            "grandpa", "iven", "john", "linda", "max", "michel", "norbert", "paul", "quincy", "rob", "robert",
+            "steph", "travis", "victor", "zac")
 MANIFEST = "manifest.json"
 
 
@@ -166,6 +178,51 @@ def _babble(n: int, rng: np.random.Generator, pool: list[np.ndarray]) -> np.ndar
     return x
 
 
+def _speech_shaped(n: int, rng: np.random.Generator, pool: list[np.ndarray]) -> np.ndarray:
+    """Stationary noise with the long-term average spectrum of a few utterances of ``pool``."""
+    picks = [pool[k] for k in rng.choice(len(pool), size=min(len(pool), 4), replace=False)]
+    lta = np.mean([np.abs(np.fft.rfft(np.resize(p, n))) ** 2 for p in picks], axis=0)
+    smooth = np.convolve(lta, np.ones(65) / 65, mode="same")  # no harmonic lines: a spectral envelope
+    return np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) * np.sqrt(smooth), n)
+
+
+def _traffic(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Low rumble (brown noise) swelling slowly as vehicles pass (0.05-0.3 Hz), plus a faint hiss."""
+    t = np.arange(n) / SAMPLE_RATE
+    swell = 1.0 + 0.8 * np.sin(2 * np.pi * rng.uniform(0.05, 0.3) * t + rng.uniform(0, 2 * np.pi))
+    rumble = _colored(n, rng, 2.0)
+    return swell * rumble / (np.sqrt(np.mean(rumble ** 2)) + 1e-12) + 0.1 * rng.standard_normal(n)
+
+
+def _tones(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Music-like: a sequence of 150-600 ms notes (random pitches of a scale, 1-3 voices, decaying
+    harmonics, short fades)."""
+    x = np.zeros(n)
+    start = 0
+    while start < n:
+        length = min(n - start, int(rng.uniform(0.15, 0.6) * SAMPLE_RATE))
+        t = np.arange(length) / SAMPLE_RATE
+        env = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01) * np.exp(-t * rng.uniform(0.5, 4))
+        for _ in range(int(rng.integers(1, 4))):
+            f0 = 110.0 * 2 ** (int(rng.integers(0, 36)) / 12)
+            x[start:start + length] += env * sum(0.6 ** h * np.sin(2 * np.pi * f0 * (h + 1) * t)
+                                                 for h in range(6) if f0 * (h + 1) < 7000)
+        start += length
+    return x + 0.01 * rng.standard_normal(n)
+
+
+def _clicks(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sparse clicks and short knocks (decaying resonances, 5-40 per second) over a faint floor."""
+    x = 0.02 * rng.standard_normal(n)
+    for _ in range(max(1, int(n / SAMPLE_RATE * rng.uniform(5, 40)))):
+        length = min(n, int(rng.uniform(0.002, 0.03) * SAMPLE_RATE))
+        start = int(rng.integers(0, n - length + 1))
+        t = np.arange(length) / SAMPLE_RATE
+        x[start:start + length] += (rng.uniform(0.2, 1.0) * np.exp(-t * rng.uniform(200, 2000))
+                                    * np.sin(2 * np.pi * rng.uniform(300, 6000) * t + rng.uniform(0, 2 * np.pi)))
+    return x
+
+
 def make_noise(kind: str, n: int, rng: np.random.Generator, babble_pool: list[np.ndarray] | None = None) -> np.ndarray:
     """Unit-RMS float64 noise of ``kind`` (one of :data:`NOISE_TYPES`) and length ``n``."""
     if kind == "white":
@@ -178,10 +235,16 @@ def make_noise(kind: str, n: int, rng: np.random.Generator, babble_pool: list[np
         x = _hum(n, rng)
     elif kind == "bursts":
         x = _bursts(n, rng)
-    elif kind == "babble":
+    elif kind in ("babble", "speech_shaped"):
         if not babble_pool:
-            raise ValueError("babble noise needs a non-empty babble_pool of other speakers' speech")
-        x = _babble(n, rng, babble_pool)
+            raise ValueError(f"{kind} noise needs a non-empty babble_pool of other speakers' speech")
+        x = (_babble if kind == "babble" else _speech_shaped)(n, rng, babble_pool)
+    elif kind == "traffic":
+        x = _traffic(n, rng)
+    elif kind == "tones":
+        x = _tones(n, rng)
+    elif kind == "clicks":
+        x = _clicks(n, rng)
     else:
         raise ValueError(f"kind: expected one of {NOISE_TYPES}, got {kind!r}")
     return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
@@ -232,10 +295,10 @@ def _run_speakers(tasks, workers: int | None):
         return pool.map(_synth_speaker, tasks, chunksize=1)
 
 
-def synthesize_corpus(out_dir, n_train_speakers: int = 8, n_test_speakers: int = 2, utts_per_speaker: int = 25,
+def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int = 2, utts_per_speaker: int = 10,
                       test_utts_per_speaker: int = 15, seed: int = 0, noise_types=NOISE_TYPES,
                       train_snrs=TRAIN_SNRS, test_snrs=TEST_SNRS, overwrite: bool = False,
-                      workers: int | None = None) -> Path:
+                      workers: int | None = None, augment: bool = True) -> Path:
     """Writes a synthetic 16 kHz noisy/clean corpus to ``out_dir`` and returns ``out_dir``.
 
     Layout: ``clean_trainset_28spk_wav_16k``, ``noisy_trainset_28spk_wav_16k``, ``clean_testset_wav_16k``,
@@ -248,12 +311,14 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 8, n_test_speakers: int =
     The manifest is written last: if ``out_dir`` already holds a complete corpus made with the same
     parameters it is reused as is; different parameters raise unless ``overwrite=True``.
     ``workers`` processes synthesize speech (default: one per CPU); the output does not depend on it.
+    ``augment``: training speech goes through :func:`pycosdist.denoise.augment.augment_speech`
+    (before mixing, so the clean target is the augmented voice); the test split never does.
     """
     out_dir = Path(out_dir)
     params = dict(n_train_speakers=int(n_train_speakers), n_test_speakers=int(n_test_speakers),
                   utts_per_speaker=int(utts_per_speaker), test_utts_per_speaker=int(test_utts_per_speaker),
                   seed=int(seed), noise_types=list(noise_types), train_snrs=[float(s) for s in train_snrs],
-                  test_snrs=[float(s) for s in test_snrs], sample_rate=SAMPLE_RATE)
+                  test_snrs=[float(s) for s in test_snrs], sample_rate=SAMPLE_RATE, augment=bool(augment))
     if params["seed"] != seed or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     for key in ("n_train_speakers", "n_test_speakers", "utts_per_speaker", "test_utts_per_speaker"):
@@ -311,6 +376,8 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 8, n_test_speakers: int =
         kind = params["noise_types"][(i + int(spk[3:])) % len(params["noise_types"])]
         snr = float(snr_choices[split][mrng.integers(len(snr_choices[split]))])
         clean = clean.astype(np.float64)
+        if params["augment"] and split == "train":
+            clean = augment_speech(clean, np.random.default_rng([seed, 2_000_003, i]))
         clean *= 10 ** (mrng.uniform(-28, -20) / 20) / (np.sqrt(np.mean(clean ** 2)) + 1e-12)  # -28..-20 dBFS RMS
         noisy = mix_at_snr(clean, make_noise(kind, len(clean), mrng, pool), snr)
         peak = max(np.abs(noisy).max(), np.abs(clean).max())

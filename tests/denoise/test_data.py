@@ -14,6 +14,7 @@ from pycosdist.denoise import audio, data
 from pycosdist.denoise.audio import AudioError, read_audio, to_mono_16k, write_audio
 from pycosdist.denoise.data import (PairedAudioDataset, Pair, find_split_dirs, load_corpus, pair_files, prepare_16k,
                             speaker_split)
+from pycosdist.denoise import augment, synth
 from pycosdist.denoise.synth import synthesize_corpus
 
 
@@ -251,8 +252,9 @@ def test_synth_layout_and_manifest(tiny):
         assert np.abs(noisy).max() < 1.0 and np.abs(clean).max() < 1.0
         snr = 10 * np.log10(np.mean(clean**2) / np.mean((noisy - clean) ** 2))
         assert abs(snr - f["snr_db"]) < 0.1, (f, snr)
-        assert f["snr_db"] in ((0, 5, 10, 15) if f["split"] == "train" else (2.5, 7.5, 12.5, 17.5))
-    assert {f["noise"] for f in manifest["files"]} <= {"white", "pink", "brown", "babble", "hum", "bursts"}
+        assert f["snr_db"] in ((-5, 0, 5, 10, 15) if f["split"] == "train" else (2.5, 7.5, 12.5, 17.5))
+    assert {f["noise"] for f in manifest["files"]} <= set(synth.NOISE_TYPES)
+    assert manifest["params"]["augment"] is True
 
 
 def test_synth_deterministic(tiny, tmp_path):
@@ -288,3 +290,69 @@ def test_load_corpus_on_synth(tiny):
     assert not torch.equal(noisy, clean)
     with pytest.raises(FileNotFoundError, match="root"):
         load_corpus(tiny / "nope")
+
+
+def test_synth_augments_training_speech_only(tiny, tmp_path):
+    plain = synthesize_corpus(tmp_path / "plain", seed=5, augment=False, **TINY)
+    for split_dir, same in (("clean_testset_wav_16k", True), ("clean_trainset_28spk_wav_16k", False)):
+        a, b = sorted((tiny / split_dir).iterdir()), sorted((plain / split_dir).iterdir())
+        assert [p.read_bytes() == q.read_bytes() for p, q in zip(a, b)] == [same] * len(a)
+
+
+def test_load_corpus_test_only_root(tmp_path):
+    _make_split(tmp_path, "test", ["a_1", "b_1"], suffix="_16k")
+    corpus = load_corpus(tmp_path)
+    assert len(corpus.train) == len(corpus.valid) == 0 and corpus.test.names == ["a_1", "b_1"]
+
+
+# --- augmentation and the new noises ------------------------------------------------------------
+def test_augment_transforms_against_references():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(16000)
+    # No tilt, no peak: the EQ is the identity.
+    np.testing.assert_allclose(augment.random_eq(x, np.random.default_rng(1), 0.0, 0.0), x, atol=1e-12)
+    # The EQ's gain at a frequency is what its formula says (checked on a pure tone at 1 kHz, where
+    # the tilt term is 0 and only the peak acts).
+    tone = np.sin(2 * np.pi * 1000 * np.arange(16000) / 16000)
+    eq_rng = np.random.default_rng(3)
+    y = augment.random_eq(tone, np.random.default_rng(3), 0.0, 8.0)
+    centre = np.log2(eq_rng.uniform(200.0, 5000.0) / 1000.0)
+    eq_rng.uniform(-0.0, 0.0)  # the tilt draw
+    peak, width = eq_rng.uniform(-8.0, 8.0), None
+    width = eq_rng.uniform(0.5, 1.5)
+    expected_db = peak * np.exp(-0.5 * ((0.0 - centre) / width) ** 2)
+    assert abs(20 * np.log10(np.std(y) / np.std(tone)) - expected_db) < 1e-6
+    # A direct path alone is the identity; a reverberated signal keeps its length.
+    np.testing.assert_allclose(augment.reverberate(x, np.array([1.0])), x, atol=1e-9)
+    rir = augment.simulated_rir(np.random.default_rng(2), 0.3)
+    assert rir[0] == 1.0 and len(augment.reverberate(x, rir)) == len(x)
+    tail = rir[np.flatnonzero(rir[1:])[0] + 1:]
+    t = np.arange(len(tail)) / 16000
+    slope = np.polyfit(t, 10 * np.log10(np.convolve(tail ** 2, np.ones(400) / 400, "same") + 1e-30)[:len(t)], 1)[0]
+    assert -60 / 0.3 * 1.3 < slope < -60 / 0.3 * 0.7  # about 60 dB of decay per RT60
+    # Speed: 0.9x tempo is 10/9 as long, and a 1 kHz tone becomes 900 Hz.
+    slow = augment.speed_perturb(tone, 0.9)
+    assert len(slow) == round(16000 / 0.9)
+    assert abs(np.argmax(np.abs(np.fft.rfft(slow))) * 16000 / len(slow) - 900) < 2
+    with pytest.raises(ValueError, match="factor"):
+        augment.speed_perturb(x, 3.0)
+    with pytest.raises(ValueError, match="rt60"):
+        augment.simulated_rir(rng, 0.0)
+
+
+def test_new_noises_are_unit_rms_and_have_their_character():
+    n, pool = 32000, [np.sin(2 * np.pi * 200 * np.arange(16000) / 16000) * (1 + k) for k in range(5)]
+    spectra = {}
+    for kind in synth.NOISE_TYPES:
+        x = synth.make_noise(kind, n, np.random.default_rng(4), pool)
+        assert x.shape == (n,) and np.isfinite(x).all() and abs(np.sqrt(np.mean(x ** 2)) - 1) < 1e-6
+        np.testing.assert_array_equal(x, synth.make_noise(kind, n, np.random.default_rng(4), pool))
+        spectra[kind] = np.abs(np.fft.rfft(x)) ** 2
+    f = np.fft.rfftfreq(n, 1 / 16000)
+    centroid = {k: float((f * s).sum() / s.sum()) for k, s in spectra.items()}
+    assert centroid["traffic"] < 800 < centroid["white"]  # rumble
+    assert centroid["speech_shaped"] < 1000  # shaped like the (200 Hz) pool
+    clicks = synth.make_noise("clicks", n, np.random.default_rng(4))
+    assert np.mean(clicks ** 4) / np.mean(clicks ** 2) ** 2 > 10  # impulsive: far heavier tails than Gaussian (3)
+    with pytest.raises(ValueError, match="babble_pool"):
+        synth.make_noise("speech_shaped", n, np.random.default_rng(0))

@@ -1,0 +1,216 @@
+"""The real-speech evaluation set builder, the spectral-gating baseline row and the gains table.
+
+The builder runs on a tiny fake "package folder" (one sub-folder per speaker, like
+/usr/share/ktuberling/sounds) of short tonal "words" at 22.05 kHz, so the tests need no Debian
+package and stay fast.
+"""
+
+import csv
+import hashlib
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pycosdist.denoise import cli, data, evaluation, realspeech, report
+from pycosdist.denoise.audio import read_audio
+
+SPEAKERS = [f"s{k:02d}" for k in range(12)]  # > VALID_SPEAKERS + 2, so both splits have 2 clean speakers
+NOISY = "s11"  # its recordings carry background noise: never a reference
+WORDS = 5  # per speaker: the CLI's default utterance length
+
+
+def _tone_hz(speaker: int, word: int) -> float:
+    return 200.0 + 50 * speaker + 9 * word  # distinct for every (speaker, word)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pkg") / "sounds"
+    rng = np.random.default_rng(0)
+    sr = 22050
+    for k, spk in enumerate(SPEAKERS):
+        for w in range(WORDS):
+            t = np.arange(int(rng.uniform(0.3, 0.6) * sr)) / sr
+            word = np.sin(2 * np.pi * _tone_hz(k, w) * t) * np.hanning(len(t)) * 0.5
+            pad = np.zeros(int(0.2 * sr))  # leading/trailing silence, trimmed by the builder
+            x = np.concatenate([pad, word, pad])
+            if spk == NOISY:
+                x = x + 0.05 * rng.standard_normal(len(x))
+            (root / spk).mkdir(parents=True, exist_ok=True)
+            sf.write(str(root / spk / f"word{w}.ogg"), x, sr)
+    (root / "s00@latin").mkdir()  # a script variant: the same speaker as s00
+    sf.write(str(root / "s00@latin" / "extra.wav"), 0.3 * np.sin(np.arange(8000) / 5.0), 16000)
+    (root / "s01" / "broken.ogg").write_text("not audio")  # skipped, never fatal
+    return root
+
+
+def _build(out, source, split="test", **kw):
+    return realspeech.build_realtest(out, source_dir=source, split=split, utts_per_speaker=1, words_per_utt=2, **kw)
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.wav")):
+        h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, source):
+    return _build(tmp_path_factory.mktemp("rt") / "realtest", source)
+
+
+def test_speakers_and_splits(source):
+    speakers = realspeech.find_speakers(source)
+    assert sorted(speakers) == SPEAKERS and len(speakers["s00"]) == WORDS + 1
+    test, valid = (realspeech.split_speakers(speakers, s) for s in ("test", "valid"))
+    assert len(valid) == realspeech.VALID_SPEAKERS and not set(test) & set(valid)
+    assert sorted(test + valid) == SPEAKERS
+    assert realspeech.split_speakers(speakers, "test", seed=0) == test  # seeded: stable
+    with pytest.raises(ValueError, match="split"):
+        realspeech.split_speakers(speakers, "train")
+
+
+def test_dynamic_range_separates_clean_from_noisy_recordings():
+    rng = np.random.default_rng(1)
+    word = np.concatenate([np.zeros(3200), 0.5 * np.sin(np.arange(8000) / 3.0), np.zeros(3200)])
+    # 95th percentile frame: the tone (power 0.125); 10th: the silence (power 0) or the noise floor.
+    assert realspeech.dynamic_range_db(word) > 100
+    noisy = word + 0.05 * rng.standard_normal(len(word))
+    expected = 10 * np.log10((0.125 + 0.0025) / 0.0025)
+    assert abs(realspeech.dynamic_range_db(noisy) - expected) < 1.0
+    assert realspeech.dynamic_range_db(noisy) < realspeech.MIN_DYNAMIC_RANGE_DB
+
+
+def test_trim_silence_keeps_the_word():
+    x = np.concatenate([np.zeros(8000), 0.5 * np.ones(4000), np.zeros(8000)])
+    y = realspeech.trim_silence(x)
+    margin = int(0.05 * 16000)
+    assert len(y) == 4000 + 2 * margin and np.abs(y).sum() == np.abs(x).sum()
+
+
+def test_layout_snr_and_manifest(built, source):
+    manifest = json.loads((built / "manifest.json").read_text())
+    test_speakers = realspeech.split_speakers(realspeech.find_speakers(source), "test")
+    excluded = [NOISY] if NOISY in test_speakers else []
+    test_speakers = [s for s in test_speakers if s != NOISY]
+    assert manifest["speakers"] == test_speakers and manifest["params"]["split"] == "test"
+    assert list(manifest["excluded_speakers"]) == excluded
+    names = sorted(f["name"] for f in manifest["files"])
+    assert names == sorted(f"{s}_001" for s in test_speakers)
+    for subset in realspeech.SUBSETS:
+        corpus = data.load_corpus(built / subset)  # the VoiceBank+DEMAND layout, test split only
+        assert corpus.test.names == names and len(corpus.train) == 0
+    for f in manifest["files"]:
+        assert f["snr_db"] in realspeech.REAL_SNRS and f["stationary_noise"] in realspeech.STATIONARY_NOISES
+        for subset in realspeech.SUBSETS:
+            clean, sr = read_audio(built / subset / "clean_testset_wav_16k" / f"{f['name']}.wav")
+            noisy, _ = read_audio(built / subset / "noisy_testset_wav_16k" / f"{f['name']}.wav")
+            assert sr == 16000 and clean.shape == noisy.shape and np.abs(noisy).max() < 1.0
+            snr = 10 * np.log10(np.mean(clean ** 2) / np.mean((noisy - clean) ** 2))
+            assert abs(snr - f["snr_db"]) < 0.1, (subset, f, snr)
+        # Both subsets hold the same clean utterance (up to the common no-clip scaling).
+        a = read_audio(built / "stationary" / "clean_testset_wav_16k" / f"{f['name']}.wav")[0][0]
+        b = read_audio(built / "babble" / "clean_testset_wav_16k" / f"{f['name']}.wav")[0][0]
+        assert np.corrcoef(a, b)[0, 1] > 0.999
+    # Every (noise, SNR) pair of the stationary subset occurs once the set is large enough.
+    assert len({(f["stationary_noise"], f["snr_db"]) for f in manifest["files"]}) == min(9, len(names))
+
+
+def test_babble_is_made_of_other_speakers(built, source):
+    """The babble noise of a file is a sum of OTHER speakers' words: its spectrum peaks at their
+    (speaker-specific) tone frequencies, never at the target speaker's own."""
+    manifest = json.loads((built / "manifest.json").read_text())
+    for f in manifest["files"]:
+        clean = read_audio(built / "babble" / "clean_testset_wav_16k" / f"{f['name']}.wav")[0][0]
+        noisy = read_audio(built / "babble" / "noisy_testset_wav_16k" / f"{f['name']}.wav")[0][0]
+        spec = np.abs(np.fft.rfft(noisy - clean)) ** 2
+        freqs = np.fft.rfftfreq(len(clean), 1 / 16000)
+        k = SPEAKERS.index(f["speaker"])
+        own = [_tone_hz(k, w) for w in range(WORDS)]
+        own_energy = sum(spec[np.abs(freqs - hz) < 3].sum() for hz in own)
+        assert own_energy < 0.05 * spec.sum()
+
+
+def test_deterministic_resumable_and_checked(built, source, tmp_path):
+    again = _build(tmp_path / "again", source)
+    assert _digest(again) == _digest(built)
+    # Resume: a lost file and manifest are rebuilt identically; finished files are kept as they are.
+    victim = next((again / "babble" / "noisy_testset_wav_16k").iterdir())
+    victim.unlink()
+    (again / "manifest.json").unlink()
+    kept = again / "stationary" / "noisy_testset_wav_16k" / victim.name
+    mtime = kept.stat().st_mtime_ns
+    _build(again, source)
+    assert _digest(again) == _digest(built) and kept.stat().st_mtime_ns == mtime
+    assert _digest(_build(tmp_path / "seed1", source, seed=1)) != _digest(built)
+    valid = _build(tmp_path / "valid", source, split="valid")
+    valid_speakers = json.loads((valid / "manifest.json").read_text())["speakers"]
+    assert not set(valid_speakers) & set(json.loads((built / "manifest.json").read_text())["speakers"])
+    with pytest.raises(FileExistsError, match="other parameters"):
+        _build(again, source, seed=1)
+    _build(again, source, seed=1, overwrite=True)
+    assert _digest(again) == _digest(tmp_path / "seed1")
+    with pytest.raises(FileNotFoundError, match="ktuberling-data"):
+        _build(tmp_path / "x", tmp_path / "no-such-package")
+    with pytest.raises(ValueError, match="seed"):
+        _build(tmp_path / "x", source, seed=-1)
+    with pytest.raises(ValueError, match="words_per_utt"):
+        realspeech.build_realtest(tmp_path / "x", source_dir=source, words_per_utt=0)
+
+
+def test_cli_realtest(source, tmp_path, capsys):
+    assert cli.main(["data", "realtest", str(tmp_path / "rt"), "--source", str(source), "--split", "valid"]) == 0
+    assert "stationary" in capsys.readouterr().out
+    assert (tmp_path / "rt" / "manifest.json").is_file()
+    assert cli.main(["data", "realtest", str(tmp_path / "bad"), "--source", str(tmp_path / "none")]) == 2
+    assert "ktuberling-data" in capsys.readouterr().err
+
+
+# --- the non-learned baseline and the gains table --------------------------------------------------
+def test_evaluate_enhancer_and_gains(built, tmp_path):
+    dataset = data.load_corpus(built / "stationary").test
+    out = tmp_path / "eval"
+    noisy = report.evaluate_checkpoints({}, dataset, out, workers=0, with_baseline=False)[0]
+    # SI-SDR is scale-invariant, so a halved input scores exactly the noisy input's SI-SDR.
+    half = report.enhancer_row("half volume", lambda x: 0.5 * x, dataset, out, workers=0)
+    assert half["si_sdr"] == pytest.approx(noisy["si_sdr"], abs=1e-6) and half["params"] == 0
+    with open(out / "half_volume_per_file.csv") as f:
+        per_file = {r["name"]: float(r["si_sdr"]) for r in csv.DictReader(f)}
+    assert sorted(per_file) == dataset.names
+    rows = [noisy, half]
+    gains = report.gain_rows(rows, out)
+    assert [g["model"] for g in gains] == ["half volume"] and "pesq_vs_gating" not in gains[0]
+    # The gains are the paired per-file differences, recomputed here from the CSVs.
+    def load(label, metric):
+        with open(out / f"{label}_per_file.csv") as f:
+            return np.array([float(r[metric]) for r in csv.DictReader(f)])
+    d = load("half_volume", "stoi") - load("noisy", "stoi")
+    assert gains[0]["stoi_vs_noisy"] == f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(len(d)):.3f}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("noisereduce") is None, reason="noisereduce ([train] extra) missing")
+def test_spectral_gating_row(built, tmp_path):
+    import noisereduce
+
+    dataset = data.load_corpus(built / "stationary").test
+    noisy, clean = dataset[0]
+    # The baseline is noisereduce's stationary gating with its defaults (independent call).
+    expected = noisereduce.reduce_noise(y=noisy.double().numpy(), sr=16000, stationary=True)
+    np.testing.assert_allclose(evaluation.spectral_gating(noisy), expected, atol=1e-12)
+    rows = report.evaluate_checkpoints({}, dataset, tmp_path, workers=0)
+    assert [r["model"] for r in rows] == ["noisy input", evaluation.SPECTRAL_GATING]
+    assert rows[1]["n_ok"] == len(dataset) and rows[1]["si_sdr"] != rows[0]["si_sdr"]
+    gains = report.gain_rows(rows, tmp_path)
+    assert gains[0]["model"] == evaluation.SPECTRAL_GATING and "pesq_vs_gating" not in gains[0]
+
+
+def test_plot_spectrograms_writes_one_png_per_row(tmp_path):
+    """The demo's figures stage (it raised NameError: report.py used torch without importing it)."""
+    waves = {"noisy input": np.random.default_rng(0).standard_normal(8000), "clean": np.zeros(8000) + 1e-3}
+    paths = report.plot_spectrograms(waves, tmp_path, title="t")
+    assert [p.name for p in paths] == ["spectrograms.png", "spec_noisy_input.png", "spec_clean.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
