@@ -208,21 +208,18 @@ class _LibCosineDistanceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                 b2: Tensor | None, eps: float, reduction: str, chunk_size: int, compute_grad: bool) -> Tensor:
-        n = student.shape[0]
-        ctx.reduction = reduction
+        ctx.reduction, ctx.eps, ctx.chunk_size = reduction, eps, chunk_size
+        ctx.save_for_backward(student, teacher, w1, b1, w2, b2)  # references only: no copies
+        ctx.grads = None
         # 'none' needs per-row upstream grads; half types keep 1/N (and a GradScaler's factor) out of
         # half buffers: both get the distances here and the gradients from the backward op.
-        ctx.recompute = reduction == "none" or student.dtype in _HALF
-        if ctx.recompute or not compute_grad:
+        if reduction == "none" or student.dtype in _HALF or not compute_grad:
             distance = _ops.lib_cosine_distance_forward(student, teacher, w1, b1, w2, b2, eps, chunk_size, 1.0,
                                                         False)[0]
-            ctx.save_for_backward(student, teacher, w1, b1, w2, b2)
-            ctx.eps, ctx.chunk_size, ctx.recompute = eps, chunk_size, True
         else:  # 'mean' / 'sum': the gradients of grad_scale * sum(distance) come with the forward.
-            grad_scale = 1.0 / max(n, 1) if reduction == "mean" else 1.0
-            distance, *grads = _ops.lib_cosine_distance_forward(student, teacher, w1, b1, w2, b2, eps, chunk_size,
-                                                                grad_scale, True)
-            ctx.save_for_backward(*grads)
+            grad_scale = 1.0 / max(student.shape[0], 1) if reduction == "mean" else 1.0
+            distance, *ctx.grads = _ops.lib_cosine_distance_forward(student, teacher, w1, b1, w2, b2, eps,
+                                                                    chunk_size, grad_scale, True)
         loss = distance if reduction == "none" else distance.mean() if reduction == "mean" else distance.sum()
         return loss.to(student.dtype)
 
@@ -230,7 +227,13 @@ class _LibCosineDistanceLoss(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         need = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5)]  # student, w1, b1, w2, b2
         with torch.no_grad(), _no_autocast(grad):
-            if ctx.recompute:
+            if ctx.grads is not None:
+                # The forward's gradients of grad_scale * sum(distance), scaled in place by the upstream
+                # scalar (no second student-sized buffer) and handed over: a second backward
+                # (retain_graph=True) recomputes them below.
+                grads, ctx.grads = ctx.grads, None
+                grads = [g.mul_(grad) if needed else None for g, needed in zip(grads, need)]
+            else:
                 student, teacher, w1, b1, w2, b2 = ctx.saved_tensors
                 n = student.shape[0]
                 if ctx.reduction != "none":  # one upstream scalar, times 1 / N for 'mean', in float32
@@ -238,10 +241,8 @@ class _LibCosineDistanceLoss(torch.autograd.Function):
                     grad = (grad.to(_opmath(grad.dtype)) * scale).expand(n)
                 grads = _ops.lib_cosine_distance_backward(grad, student, teacher, w1, b1, w2, b2, ctx.eps,
                                                           ctx.chunk_size)
-                gs, gw1, gb1, gw2, gb2 = (g if n else None for g, n in zip(grads, need))
-            else:  # the forward's gradients of grad_scale * sum(distance), times the upstream scalar
-                gs, gw1, gb1, gw2, gb2 = (g * grad if n else None for g, n in zip(ctx.saved_tensors, need))
-        gs, gw1, gb1, gw2, gb2 = _once_differentiable("lib_cosine_distance_loss", (gs, gw1, gb1, gw2, gb2))
+                grads = [g if needed else None for g, needed in zip(grads, need)]
+        gs, gw1, gb1, gw2, gb2 = _once_differentiable("lib_cosine_distance_loss", tuple(grads))
         return gs, None, gw1, gb1, gw2, gb2, None, None, None, None
 
 

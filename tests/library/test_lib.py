@@ -630,3 +630,17 @@ def test_autocast_projection_runs_in_the_autocast_dtype():
     assert_close(out, reference.lib_projection(*params), torch.bfloat16, "output")
     out.float().square().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and lib.expand.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_backward_twice_with_retain_graph(reduction):
+    # the first backward hands over the forward's gradients (scaled in place); the second recomputes
+    s, t, w1, b1, w2, b2 = make()
+    ours, refs = leaves(s, w1, b1, w2, b2), leaves(s, w1, b1, w2, b2, dtype=torch.float64)
+    out = pycosdist.lib_cosine_distance_loss(ours[0], t, *ours[1:], reduction=reduction)
+    ref = reference.lib_cosine_distance_loss(refs[0], t.double(), *refs[1:], reduction=reduction)
+    for up in (0.7, 1.3):
+        (out * up).backward(retain_graph=True)
+        (ref * up).backward(retain_graph=True)
+    for name, x, r in zip(("student", "w1", "b1", "w2", "b2"), ours, refs):
+        assert_close(x.grad, r.grad, torch.float32, f"grad {name}")
