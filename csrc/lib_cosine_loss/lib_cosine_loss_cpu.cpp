@@ -123,7 +123,9 @@ void cosine_rows(T* p, const T* t, int64_t rows, int64_t D, T eps, const T* scal
     if (!grad) continue;
     const T A = -g * inv_t, B = norm_p >= eps ? g * cos * inv_p : T(0);  // dp = inv_p (A t + B p)
     const Vec va(A), vb(B), vi(inv_p);
-    for (j = 0; j + W <= D; j += W) (at::vec::fmadd(vb, Vec::loadu(pr + j), va * Vec::loadu(tr + j)) * vi).store(pr + j);
+    for (j = 0; j + W <= D; j += W) {
+      (at::vec::fmadd(vb, Vec::loadu(pr + j), va * Vec::loadu(tr + j)) * vi).store(pr + j);
+    }
     for (; j < D; ++j) pr[j] = (B * pr[j] + A * tr[j]) * inv_p;
   }
 }
