@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import RESULTS_DIR, format_table, machine_description, median_time, write_csv  # noqa: E402
 
+from pycosdist import reference  # noqa: E402
 from pycosdist.denoise import distill  # noqa: E402
 from pycosdist.denoise.models import HOP, build_model  # noqa: E402
 from pycosdist.nn import CosineLIBDistillationLoss  # noqa: E402
@@ -34,12 +35,22 @@ SIZES = {"demo": ("teacher", "student_quarter"), "paper": ("paper_teacher", "pap
 KD_VARIANTS = ["pycosdist fused", "reference eager", "reference compile"]
 
 
+class ReferenceCosineLIB(CosineLIBDistillationLoss):
+    """The same module (parameters, init) with the unfused pure-PyTorch reference loss."""
+
+    def forward(self, student_latent, teacher_latent):
+        lib = self.lib
+        return reference.lib_cosine_distance_loss(student_latent, teacher_latent, lib.expand.weight, lib.expand.bias,
+                                                  lib.project.weight, lib.project.bias, self.eps, self.reduction,
+                                                  self.layout)
+
+
 def kd_module(variant: str, d_s: int, d_t: int) -> torch.nn.Module:
     torch.manual_seed(0)
     args = dict(expansion=4, bias=True, eps=1e-8, reduction="mean", layout="bcft")
     if variant == "pycosdist fused":
         return CosineLIBDistillationLoss(d_s, d_t, **args)
-    ref = distill._ReferenceCosineLIB(d_s, d_t, **args)
+    ref = ReferenceCosineLIB(d_s, d_t, **args)
     return torch.compile(ref, dynamic=False) if variant == "reference compile" else ref
 
 
