@@ -10,20 +10,23 @@ paper_teacher, with paper_student_quarter (D_s = 576, E = 2304, D_t = 2304), cac
 paper teacher's forward would only add the same time to every variant). The KD loss is our fused
 op (pycosdist.nn.CosineLIBDistillationLoss, which folds the LIB), the unfused pure-PyTorch
 reference eager, or torch.compile of that reference. Also the KD loss alone (forward + backward)
-at the same shape, to show its share of the step. Writes bench/results/train_step_cpu.csv / .md.
+at the same shape, to show its share of the step. The variants are timed round-robin (one step of
+each in turn), so that on a shared machine they all see the same load. Writes bench/results/train_step_cpu.csv / .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
-from common import RESULTS_DIR, format_table, machine_description, median_time, write_csv  # noqa: E402
+from common import RESULTS_DIR, format_table, machine_description, write_csv  # noqa: E402
 
 from pycosdist import reference  # noqa: E402
 from pycosdist.denoise import distill  # noqa: E402
@@ -78,6 +81,19 @@ def make_step(variant: str, cached: bool, size: str):
     return step, kd, (BATCH, cs, fs, frames), (BATCH, ct, ft, frames)
 
 
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each fn, timed round-robin (one call of each in turn), so that all variants
+    see the same machine load on a shared machine; ``warmup`` untimed rounds first (compile)."""
+    times = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -93,17 +109,21 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         for cached in ((True, False) if size == "demo" else (True,)):
+            steps, kds = {}, {}
             for variant in KD_VARIANTS:
                 step, kd, s_shape, t_shape = make_step(variant, cached, size)
-                t = median_time(step, warmup=2, repeats=repeats)
                 g = torch.Generator().manual_seed(1)
                 s_lat = torch.randn(s_shape, generator=g).requires_grad_()  # (B, C_s, F_s, T)
                 t_lat = torch.randn(t_shape, generator=g)  # (B, C_t, F_t, T)
-                t_kd = median_time(lambda: kd(s_lat, t_lat).backward(), warmup=2, repeats=repeats * 3)
-                n_frames, d_s, d_t = s_shape[0] * s_shape[3], s_shape[1] * s_shape[2], t_shape[1] * t_shape[2]
+                steps[variant], kds[variant] = step, (lambda kd=kd, s=s_lat, t=t_lat: kd(s, t).backward())
+            t_step = interleaved_medians(steps, repeats)
+            t_kd = interleaved_medians(kds, repeats * 3)
+            n_frames, d_s, d_t = s_shape[0] * s_shape[3], s_shape[1] * s_shape[2], t_shape[1] * t_shape[2]
+            for variant in KD_VARIANTS:
+                t, tk = t_step[variant], t_kd[variant]
                 rows.append({"size": size, "teacher latent": "cache" if cached else "teacher", "KD loss": variant,
-                             "step ms": t * 1e3, "samples/s": BATCH / t, "KD fwd+bwd ms": t_kd * 1e3,
-                             "KD share %": 100 * t_kd / t, "frames": n_frames, "D_s": d_s, "D_t": d_t})
+                             "step ms": t * 1e3, "samples/s": BATCH / t, "KD fwd+bwd ms": tk * 1e3,
+                             "KD share %": 100 * tk / t, "frames": n_frames, "D_s": d_s, "D_t": d_t})
                 print(rows[-1], flush=True)
     for r in rows:  # speed-up of the fused step against each reference with the same size and latent source
         same = [x for x in rows if x["size"] == r["size"] and x["teacher latent"] == r["teacher latent"]]
@@ -111,7 +131,7 @@ def main() -> None:
             r[col] = next(x for x in same if x["KD loss"] == ref)["step ms"] / r["step ms"]
     load_after = load()
     machine = machine_description()
-    title = (f"cosine_lib distillation training step, batch {BATCH} x {SECONDS} s, sizes "
+    title = (f"cosine_lib distillation training step, batch {BATCH} x {SECONDS} s, variants timed round-robin, sizes "
              f"{', '.join(f'{k}: {v[1]} <- {v[0]}' for k, v in SIZES.items() if k in args.sizes)}; median of "
              f"{repeats}; {machine}; torch {torch.__version__}; {load_before} at start, {load_after} at end")
     table = format_table(rows)
