@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._lib import check_options
+from .reference import fold_lib
 
 
 class CosineDistanceLoss(nn.Module):
@@ -50,13 +52,15 @@ class LinearInvertedBottleneck(nn.Module):
 
     @torch.no_grad()
     def folded(self) -> nn.Linear:
-        """One nn.Linear(in_dim, out_dim) with W = W2 W1, b = W2 b1 + b2 (computed in float64)."""
-        w1, w2 = self.expand.weight.double(), self.project.weight.double()
-        has_bias = self.expand.bias is not None
-        linear = nn.Linear(self.in_dim, self.out_dim, bias=has_bias, device=w1.device, dtype=self.expand.weight.dtype)
-        linear.weight.copy_(w2 @ w1)
-        if has_bias:
-            linear.bias.copy_(w2 @ self.expand.bias.double() + self.project.bias.double())
+        """One nn.Linear(in_dim, out_dim) with W = W2 W1, b = W2 b1 + b2: :func:`pycosdist.reference.fold_lib`
+        (the folding the fused loss does), computed in float64 and stored in the parameters' dtype."""
+        params = (self.expand.weight, self.expand.bias, self.project.weight, self.project.bias)
+        w, b = fold_lib(*(None if p is None else p.double() for p in params))
+        linear = nn.Linear(self.in_dim, self.out_dim, bias=b is not None, device=w.device,
+                           dtype=self.expand.weight.dtype)
+        linear.weight.copy_(w)
+        if b is not None:
+            linear.bias.copy_(b)
         return linear
 
     def extra_repr(self) -> str:
@@ -72,11 +76,15 @@ class CosineLIBDistillationLoss(nn.Module):
     parameters reach ``.parameters()`` / the optimizer and the checkpoint. ``teacher_latent`` is
     detached (a constant). layout: 'nd' ((..., D) latents, frames leading) or 'bcft'
     ((B, C, F, T) feature maps, student_dim = C_s * F_s, teacher_dim = C_t * F_t).
+    eps (>= 0), reduction, layout and chunk_size (None or >= 1) are checked at construction.
+    Under ``torch.autocast`` a bfloat16 / float16 student latent is promoted to the teacher's
+    and the projection's dtype inside the loss (see :func:`pycosdist.lib_cosine_distance_loss`).
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, expansion: int = 4, bias: bool = True, eps: float = 1e-8,
                  reduction: str = "mean", layout: str = "nd", chunk_size: int | None = None):
         super().__init__()
+        check_options(eps, reduction, layout, chunk_size)  # here, not at the first forward
         self.lib = LinearInvertedBottleneck(student_dim, teacher_dim, expansion, bias)
         self.eps, self.reduction, self.layout, self.chunk_size = eps, reduction, layout, chunk_size
 

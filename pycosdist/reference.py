@@ -3,6 +3,8 @@ and the "unfused" baseline they are benchmarked against. Autograd does the backw
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,14 +43,25 @@ def lib_projection(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Ten
     return torch.nn.functional.linear(torch.nn.functional.linear(x, w1, b1), w2, b2)
 
 
+def fold_lib(w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The LIB folded into one affine map (it has no activation): W2 (W1 x + b1) + b2 = W x + b with
+    W = W2 W1 (D_t, D_s) and b = W2 b1 + b2 (D_t,), or None without biases. Differentiable; the
+    fused loss's kernels do the same math in their compute dtype (csrc/common/lib_fold.h).
+    w1: (E, D_s), b1: (E,) or None, w2: (D_t, E), b2: (D_t,) or None."""
+    w = w2 @ w1
+    if b1 is None:
+        return w, b2
+    return w, (w2 @ b1 if b2 is None else torch.addmv(b2, w2, b1))
+
+
 def frames(latent: Tensor, layout: str) -> Tensor:
     """Flatten a latent to one row per frame.
 
     layout ``"nd"``: any (..., D) tensor, rows are the leading dims;
     layout ``"bcft"``: a (B, C, F, T) feature map -> (B*T, C*F) (each frame's C*F values).
     """
-    if layout == "nd":
-        return latent.reshape(-1, latent.shape[-1])
+    if layout == "nd":  # not reshape(-1, D): ambiguous when D = 0
+        return latent.reshape(math.prod(latent.shape[:-1]), latent.shape[-1])
     if layout == "bcft":
         if latent.dim() != 4:
             raise ValueError(f"layout 'bcft' expects a 4-D (B, C, F, T) latent, got shape {tuple(latent.shape)}")

@@ -54,7 +54,7 @@ inline void check_backward(const at::Tensor& grad_output, const at::Tensor& inpu
     check_same_device(input, "input", t, name);
     auto expected = input.sizes().vec();
     expected.back() = last;
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), "pycosdist: `", name, "` must have shape ", expected,
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), "pycosdist: `", name, "` must have shape ", at::IntArrayRef(expected),
                 " (the leading dims of `input`, shape ", input.sizes(), "), got ", t.sizes());
   };
   leading(grad_output, "grad_output", d.d_t);

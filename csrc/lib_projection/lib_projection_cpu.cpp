@@ -18,13 +18,22 @@ std::vector<int64_t> with_last(const Tensor& input, int64_t last) {
   return shape;
 }
 
+// `t` (..., last) as (rows, last), rows the product of the leading dims. Not reshape({-1, last}):
+// that is ambiguous for last = 0 (D_s = 0 or E = 0), where every row is just the bias.
+Tensor as_rows(const Tensor& t) {
+  const int64_t last = t.size(-1);
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) rows *= t.size(i);
+  return t.reshape({rows, last});
+}
+
 std::tuple<Tensor, Tensor> forward(const Tensor& input,                // (..., D_s)
                                    const Tensor& w1,                   // (E, D_s)
                                    const c10::optional<Tensor>& b1,    // (E) or None
                                    const Tensor& w2,                   // (D_t, E)
                                    const c10::optional<Tensor>& b2) {  // (D_t) or None
   const Dims d = check_weights(input, "input", w1, b1, w2, b2);
-  const Tensor x = input.reshape({-1, d.d_s});                          // (M, D_s)
+  const Tensor x = as_rows(input);                                      // (M, D_s)
   Tensor hidden = at::empty({x.size(0), d.e}, input.options());         // (M, E)
   Tensor output = at::empty({x.size(0), d.d_t}, input.options());       // (M, D_t)
   at::linear_out(hidden, x, w1, b1);  // 2-D: addmm_out with a bias, mm_out without
@@ -40,9 +49,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
                                                             bool b1_grad, bool b2_grad) {
   const Dims d = check_weights(input, "input", w1, c10::nullopt, w2, c10::nullopt);
   check_backward(grad_output, input, hidden, d);
-  const Tensor g = grad_output.reshape({-1, d.d_t});  // (M, D_t)
-  const Tensor x = input.reshape({-1, d.d_s});        // (M, D_s)
-  const Tensor h = hidden.reshape({-1, d.e});         // (M, E)
+  const Tensor g = as_rows(grad_output);  // (M, D_t)
+  const Tensor x = as_rows(input);        // (M, D_s)
+  const Tensor h = as_rows(hidden);       // (M, E)
   const Tensor grad_hidden = at::mm(g, w2);           // (M, E)
   Tensor grad_w2 = at::mm(g.t(), h);                  // (D_t, E)
   Tensor grad_w1 = at::mm(grad_hidden.t(), x);        // (E, D_s)

@@ -24,7 +24,7 @@ def make(n=50, d_s=D_S, d_t=D_T, e=E, dtype=torch.float32, bias=True, lead=None,
     lead = (n,) if lead is None else lead
     rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)  # noqa
     s, t = rnd(*lead, d_s), rnd(*lead, d_t)
-    w1, w2 = rnd(e, d_s, scale=d_s ** -0.5), rnd(d_t, e, scale=e ** -0.5)
+    w1, w2 = rnd(e, d_s, scale=max(d_s, 1) ** -0.5), rnd(d_t, e, scale=max(e, 1) ** -0.5)
     b1, b2 = (rnd(e, scale=0.3), rnd(d_t, scale=0.3)) if bias else (None, None)
     return s, t, w1, b1, w2, b2
 
@@ -396,3 +396,251 @@ def test_error_options(kwargs, match):
     with pytest.raises((ValueError, RuntimeError), match=match):
         pycosdist.lib_cosine_distance_loss(s, t, w1, b1, w2, b2, **kwargs)
 
+
+
+# ---------------------------------------------------------------- folding (issue 12)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", ["both", "b1", "b2", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("d_s,d_t,e", [(12, 20, 48), (24, 10, 96), (3, 7, 2)])  # D_t > D_s, D_t < D_s, E < D_s
+def test_folded_loss_matches_unfolded_reference(dtype, bias, reduction, d_s, d_t, e):
+    # every combination of biases (the folded bias is W2 b1 + b2, W2 b1 or b2), both D_t vs D_s orders
+    s, t, w1, b1, w2, b2 = make(n=40, d_s=d_s, d_t=d_t, e=e, dtype=dtype)
+    b1, b2 = (b1 if bias in ("both", "b1") else None), (b2 if bias in ("both", "b2") else None)
+    ours, refs = leaves(s, w1, b1, w2, b2), leaves(s, w1, b1, w2, b2, dtype=torch.float64)
+    out = pycosdist.lib_cosine_distance_loss(ours[0], t, *ours[1:], reduction=reduction, chunk_size=16)
+    ref = reference.lib_cosine_distance_loss(refs[0], t.double(), *refs[1:], reduction=reduction)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, "loss")
+    check_grads(out, ref, ours, refs, dtype, reduction)
+
+
+def test_fold_lib_is_the_projection_and_folded_uses_it():
+    s, t, w1, b1, w2, b2 = make(dtype=torch.float64)
+    w, b = reference.fold_lib(w1, b1, w2, b2)
+    torch.testing.assert_close(s @ w.T + b, reference.lib_projection(s, w1, b1, w2, b2))
+    assert reference.fold_lib(w1, None, w2, None)[1] is None
+    torch.testing.assert_close(reference.fold_lib(w1, b1, w2, None)[1], w2 @ b1)
+    lib = LinearInvertedBottleneck(D_S, D_T, expansion=E // D_S).double()
+    with torch.no_grad():
+        for p, v in zip((lib.expand.weight, lib.expand.bias, lib.project.weight, lib.project.bias), (w1, b1, w2, b2)):
+            p.copy_(v)
+    folded = lib.folded()
+    torch.testing.assert_close(folded.weight, w, rtol=0, atol=0)
+    torch.testing.assert_close(folded.bias, b, rtol=0, atol=0)
+    # the fused loss is the cosine distance of the folded projection
+    torch.testing.assert_close(pycosdist.lib_cosine_distance_loss(s, t, w1, b1, w2, b2, reduction="none"),
+                               reference.cosine_distance(folded(s), t))
+
+
+@pytest.mark.parametrize("dtype,reduction", [(torch.float16, "mean"), (torch.bfloat16, "mean"),
+                                             (torch.bfloat16, "sum")])  # a float16 sum of N rows overflows
+def test_half_large_n_against_float64(dtype, reduction):
+    # N = 65536 rows: 1/N (times a GradScaler-like upstream factor) must not pass through a half
+    # buffer; every gradient within half precision of the float64 reference.
+    n = 65536
+    s, t, w1, b1, w2, b2 = make(n=n, d_s=8, d_t=12, e=32, dtype=dtype)
+    ours, refs = leaves(s, w1, b1, w2, b2), leaves(s, w1, b1, w2, b2, dtype=torch.float64)
+    out = pycosdist.lib_cosine_distance_loss(ours[0], t, *ours[1:], reduction=reduction)
+    ref = reference.lib_cosine_distance_loss(refs[0], t.double(), *refs[1:], reduction=reduction)
+    assert_close(out, ref, dtype, "loss")
+    up = 1024.0 if reduction == "mean" else 1 / 64  # keeps the sum's gradients in half range
+    (out * up).backward()
+    (ref * up).backward()
+    for name, x, r in zip(("student", "w1", "b1", "w2", "b2"), ours, refs):
+        assert_close(x.grad, r.grad, dtype, f"grad {name}")
+
+
+def test_loss_with_no_student_features():
+    # D_s = 0: every projected row is the folded bias W2 b1 + b2
+    s, t, w1, b1, w2, b2 = make(n=6, d_s=0, e=5)
+    ours, refs = leaves(s, w1, b1, w2, b2), leaves(s, w1, b1, w2, b2, dtype=torch.float64)
+    out = pycosdist.lib_cosine_distance_loss(ours[0], t, *ours[1:], reduction="none")
+    ref = reference.lib_cosine_distance_loss(refs[0], t.double(), *refs[1:], reduction="none")
+    assert_close(out, ref, torch.float32, "loss")
+    check_grads(out, ref, ours, refs, torch.float32, "none")
+
+
+# ---------------------------------------------------------------- reliability (issue 13)
+
+def _double_backward(fn, x):
+    g, = torch.autograd.grad(fn(x) + 1e-3 * (x ** 3).sum(), x, create_graph=True)
+    (g ** 2).sum().backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_double_backward_raises(reduction):
+    s, t, w1, b1, w2, b2 = make(n=9, dtype=torch.float64)
+    x = s.requires_grad_()
+    loss = lambda x: pycosdist.lib_cosine_distance_loss(x, t, w1, b1, w2, b2, reduction=reduction).sum()  # noqa
+    with pytest.raises(RuntimeError, match="lib_cosine_distance_loss does not support double backward"):
+        _double_backward(loss, x)
+    # the op's gradient alone under create_graph: the same error, not "does not require grad"
+    g, = torch.autograd.grad(loss(x), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        g.sum().backward()
+    # create_graph=True without differentiating the gradient again still works
+    w = w2.clone().requires_grad_()
+    gw, = torch.autograd.grad(pycosdist.lib_cosine_distance_loss(s, t, w1, b1, w, b2, reduction=reduction).sum(),
+                              w, create_graph=True)
+    w_ref = w2.clone().requires_grad_()
+    gw_ref, = torch.autograd.grad(reference.lib_cosine_distance_loss(s, t, w1, b1, w_ref, b2, reduction=reduction)
+                                  .sum(), w_ref)
+    torch.testing.assert_close(gw.detach(), gw_ref)
+
+
+def test_projection_double_backward_raises():
+    s, _, w1, b1, w2, b2 = make(n=9, dtype=torch.float64)
+    x = s.requires_grad_()
+    out = lambda x: pycosdist.lib_projection(x, w1, b1, w2, b2).square().sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="lib_projection does not support double backward"):
+        _double_backward(out, x)
+    g, = torch.autograd.grad(pycosdist.lib_projection(x, w1, b1, w2, b2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("scale,eps", [(1e19, 1e-8), (1e30, 1e-8), (1e-20, 0.0)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_extreme_magnitudes_match_float64(scale, eps, reduction):
+    # float32 rows whose squared norms overflow (1e19 * sqrt(D) squared > 3.4e38) or underflow:
+    # the float64 reference's values and gradients, not cos = 1 with zero gradients
+    s, t, w1, b1, w2, b2 = make(n=30, bias=False)
+    s, t = s * scale, t * scale
+    ours, refs = leaves(s, w1, w2), leaves(s, w1, w2, dtype=torch.float64)
+    out = pycosdist.lib_cosine_distance_loss(ours[0], t, ours[1], None, ours[2], None, eps=eps, reduction=reduction,
+                                             chunk_size=8)
+    ref = reference.lib_cosine_distance_loss(refs[0], t.double(), refs[1], None, refs[2], None, eps=eps,
+                                             reduction=reduction)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, torch.float32, "loss")
+    check_grads(out, ref, [ours[0], ours[1], None, ours[2], None], [refs[0], refs[1], None, refs[2], None],
+                torch.float32, reduction)
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (0,)])
+def test_projection_with_no_input_features(lead):
+    # D_s = 0: every output row is W2 b1 + b2 (used to fail with an internal reshape error)
+    s, _, w1, b1, w2, b2 = make(d_s=0, lead=lead)
+    ours, refs = leaves(s, w1, b1, w2, b2), leaves(s, w1, b1, w2, b2, dtype=torch.float64)
+    out = pycosdist.lib_projection(*ours)
+    ref = reference.lib_projection(*refs)
+    assert out.shape == (*lead, D_T)
+    assert_close(out, ref, torch.float32, "output")
+    if out.numel():
+        check_grads(out, ref, ours, refs, torch.float32, "projection")
+
+
+def _bad_op_calls():
+    s, t, w1, b1, w2, b2 = make(n=6)
+    h, g_out = s @ w1.T, torch.randn(6, D_T)
+    fwd, bwd = ops.lib_cosine_distance_forward, ops.lib_cosine_distance_backward
+    return {
+        "int student": (fwd, (s.int(), t, w1, b1, w2, b2, 1e-8, 0, 1.0, True)),
+        "int teacher": (fwd, (s, t.long(), w1, b1, w2, b2, 1e-8, 0, 1.0, False)),
+        "w2 columns": (fwd, (s, t, w1, b1, w2[:, :-1], b2, 1e-8, 0, 1.0, True)),
+        "w2 dtype": (fwd, (s, t, w1, b1, w2.double(), b2, 1e-8, 0, 1.0, True)),
+        "b1 shape": (fwd, (s, t, w1, b1[:-1], w2, b2, 1e-8, 0, 1.0, True)),
+        "teacher D_t": (fwd, (s, t[:, :-1], w1, b1, w2, b2, 1e-8, 0, 1.0, True)),
+        "rows": (fwd, (s, t[:5], w1, b1, w2, b2, 1e-8, 0, 1.0, True)),
+        "eps": (fwd, (s, t, w1, b1, w2, b2, -1.0, 0, 1.0, True)),
+        "student 3-D": (bwd, (torch.rand(6), s.view(2, 3, D_S), t, w1, b1, w2, b2, 1e-8, 0)),
+        "grad_distance shape": (bwd, (torch.rand(5), s, t, w1, b1, w2, b2, 1e-8, 0)),
+        "int grad_distance": (bwd, (torch.ones(6, dtype=torch.int32), s, t, w1, b1, w2, b2, 1e-8, 0)),
+        "projection int input": (ops.lib_projection_forward, (s.int(), w1, b1, w2, b2)),
+        "projection w2": (ops.lib_projection_forward, (s, w1, b1, w2[:, :-1], b2)),
+        "projection b2": (ops.lib_projection_forward, (s, w1, b1, w2, b2[:-1])),
+        "projection hidden": (ops.lib_projection_backward, (g_out, s, h[:, :-1], w1, w2, True, True)),
+        "projection grad_output": (ops.lib_projection_backward, (g_out[:5], s, h, w1, w2, True, True)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_op_calls()))
+def test_fake_kernels_check_like_the_real_ones(case):
+    op, args = _bad_op_calls()[case]
+    with pytest.raises(RuntimeError) as real:
+        op(*args)
+    meta = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in args]
+    with pytest.raises(RuntimeError) as fake:
+        op(*meta)
+    assert str(fake.value) == str(real.value)
+    assert str(real.value).startswith("pycosdist: `")
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(layout="xyz"), "layout"), (dict(reduction="xyz"), "reduction"),
+                                         (dict(eps=-1.0), "eps"), (dict(eps=float("nan")), "eps"),
+                                         (dict(chunk_size=0), "chunk_size"), (dict(chunk_size=2.5), "chunk_size")])
+def test_distillation_loss_module_checks_arguments_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}` must be .*got {kwargs[name]!r}"):
+        CosineLIBDistillationLoss(D_S, D_T, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("zero", ["student", "teacher"])
+def test_eps_zero_with_zero_row_is_nan_like_float64(reduction, zero):
+    # documented: eps = 0 and an all-zero projected (or teacher) row give 0 / 0 = NaN, with the
+    # same NaN pattern in every gradient as the float64 reference
+    s, t, w1, b1, w2, b2 = make(n=6, bias=False)
+    (s if zero == "student" else t)[2] = 0
+    ours, refs = leaves(s, w1, w2), leaves(s, w1, w2, dtype=torch.float64)
+    out = pycosdist.lib_cosine_distance_loss(ours[0], t, ours[1], None, ours[2], None, eps=0.0, reduction=reduction)
+    ref = reference.lib_cosine_distance_loss(refs[0], t.double(), refs[1], None, refs[2], None, eps=0.0,
+                                             reduction=reduction)
+    assert torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    ref.sum().backward()
+    for x, r in zip(ours, refs):
+        torch.testing.assert_close(x.grad.double(), r.grad, equal_nan=True, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_bf16_student_with_fp32_teacher_and_weights(reduction):
+    torch.manual_seed(0)
+    loss_fn = CosineLIBDistillationLoss(D_S, D_T, expansion=2, reduction=reduction)
+    s, t, *_ = make(lead=(3, 9))
+    s = s.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss_fn(s, t)
+        funct = pycosdist.lib_cosine_distance_loss(s, t, *[p for p in loss_fn.lib.parameters()],
+                                                   reduction=reduction)
+    torch.testing.assert_close(out, funct)
+    params = list(loss_fn.parameters())
+    refs = leaves(s, *params, dtype=torch.float64)
+    ref = reference.lib_cosine_distance_loss(refs[0], t.double(), *refs[1:], reduction=reduction)
+    assert_close(out, ref, torch.float32, "loss")  # computed in float32 from the exact bf16 values
+    (out.sum() * 2).backward()
+    (ref.sum() * 2).backward()
+    assert s.grad.dtype == torch.bfloat16 and all(p.grad.dtype == torch.float32 for p in params)
+    assert_close(s.grad, refs[0].grad, torch.bfloat16, "grad student")
+    for name, p, r in zip(("w1", "b1", "w2", "b2"), params, refs[1:]):
+        assert_close(p.grad, r.grad, torch.float32, f"grad {name}")
+
+
+def test_autocast_projection_runs_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    lib = LinearInvertedBottleneck(D_S, D_T)
+    x = torch.randn(4, 5, D_S).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lib(x)
+        ref = reference.lib_projection(x, lib.expand.weight, lib.expand.bias, lib.project.weight, lib.project.bias)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    params = leaves(x, *lib.parameters(), dtype=torch.float64)
+    assert_close(out, reference.lib_projection(*params), torch.bfloat16, "output")
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and lib.expand.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_backward_twice_with_retain_graph(reduction):
+    # the first backward hands over the forward's gradients (scaled in place); the second recomputes
+    s, t, w1, b1, w2, b2 = make()
+    ours, refs = leaves(s, w1, b1, w2, b2), leaves(s, w1, b1, w2, b2, dtype=torch.float64)
+    out = pycosdist.lib_cosine_distance_loss(ours[0], t, *ours[1:], reduction=reduction)
+    ref = reference.lib_cosine_distance_loss(refs[0], t.double(), *refs[1:], reduction=reduction)
+    for up in (0.7, 1.3):
+        (out * up).backward(retain_graph=True)
+        (ref * up).backward(retain_graph=True)
+    for name, x, r in zip(("student", "w1", "b1", "w2", "b2"), ours, refs):
+        assert_close(x.grad, r.grad, torch.float32, f"grad {name}")

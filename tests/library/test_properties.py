@@ -142,6 +142,19 @@ def test_lib_projection(case, data):
             close(a.grad, b.grad, dtype, f"grad {name}")
 
 
+@torch.no_grad()
+def natural_grad_scales(refs, up: float) -> dict:
+    """Natural gradient scales, for references that vanish where cos(p, t) does not depend on a parameter
+    (D_s = 1 or E = 1 without biases: only signs matter): |dd/dp| ~ upstream / |p| times |dp/dparam|."""
+    xs, w1, b1, w2, b2 = (None if r is None else r.detach() for r in refs)
+    hidden = torch.nn.functional.linear(xs, w1, b1)
+    p = torch.nn.functional.linear(hidden, w2, b2)
+    g = up / max(torch.linalg.vector_norm(p, dim=-1).max().item(), 1e-300)
+    w2_norm = torch.linalg.matrix_norm(w2, 2).item()
+    return {"student": g * torch.linalg.matrix_norm(w2 @ w1, 2).item(), "w1": g * w2_norm * xs.abs().max().item(),
+            "b1": g * w2_norm, "w2": g * hidden.abs().max().item(), "b2": g}
+
+
 @SETTINGS
 @given(case=lib_case(), data=st.data())
 def test_lib_cosine_distance_loss(case, data):
@@ -160,17 +173,29 @@ def test_lib_cosine_distance_loss(case, data):
     up = torch.rand(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
     (out.double() * up).sum().backward()
     (ref * up).sum().backward()
-    # Natural gradient scales, for references that vanish where cos(p, t) does not depend on a parameter
-    # (D_s = 1 or E = 1 without biases: only signs matter): |dd/dp| ~ upstream / |p| times |dp/dparam|.
-    with torch.no_grad():
-        xs, w1, b1, w2, b2 = (None if r is None else r.detach() for r in refs)
-        hidden = torch.nn.functional.linear(xs, w1, b1)
-        p = torch.nn.functional.linear(hidden, w2, b2)
-        g = up.max().item() / max(torch.linalg.vector_norm(p, dim=-1).max().item(), 1e-300)
-        w2_norm = torch.linalg.matrix_norm(w2, 2).item()
-        natural = {"student": g * torch.linalg.matrix_norm(w2 @ w1, 2).item(),
-                   "w1": g * w2_norm * xs.abs().max().item(), "b1": g * w2_norm, "w2": g * hidden.abs().max().item(),
-                   "b2": g}
+    natural = natural_grad_scales(refs, up.max().item())
     for name, a, b in zip(("student", "w1", "b1", "w2", "b2"), ours, refs):
         if a is not None:
             close(a.grad, b.grad, dtype, f"grad {name}", natural[name])
+
+
+@SETTINGS
+@given(case=lib_case(), data=st.data())
+def test_lib_cosine_distance_loss_float32_extreme_scales(case, data):
+    # float32 rows whose squared norms over- or underflow float32 (student and teacher scaled
+    # independently by 1e-19 .. 1e19): the float64 reference's values and gradients
+    lead, d_s, e, d_t, bias, _, seed = case
+    scale_s, scale_t = (10.0 ** data.draw(st.floats(-19, 19)) for _ in range(2))
+    x, t, params = lib_inputs(lead, d_s, e, d_t, bias, torch.float32, seed, scale_s, False)
+    t = t * scale_t
+    reduction = data.draw(st.sampled_from(["none", "mean", "sum"]))
+    ours, refs = leaves([x, *params]), leaves([x, *params], torch.float64)
+    out = pycosdist.lib_cosine_distance_loss(ours[0], t, *ours[1:], reduction=reduction)
+    ref = reference.lib_cosine_distance_loss(refs[0], t.double(), *refs[1:], reduction=reduction)
+    close(out, ref, torch.float32, "value", 1.0)
+    out.sum().backward()
+    ref.sum().backward()
+    natural = natural_grad_scales(refs, 1.0)
+    for name, a, b in zip(("student", "w1", "b1", "w2", "b2"), ours, refs):
+        if a is not None:
+            close(a.grad, b.grad, torch.float32, f"grad {name}", natural[name])
