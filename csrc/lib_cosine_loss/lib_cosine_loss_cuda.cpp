@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "common/cuda_torch.h"
+#include "common/lib_fold.h"
 #include "lib_cosine_loss/lib_cosine_loss_kernels.cuh"
 #include "lib_cosine_loss/lib_cosine_loss_checks.h"
 
@@ -36,27 +37,6 @@ int64_t chunk_rows(int64_t n, const lib_projection::Dims& d, int64_t requested) 
   return std::max<int64_t>(1, std::min(rows, n));
 }
 
-// The LIB folded into one map, in opmath: w = W2 W1 (D_t, D_s); b = W2 b1 + b2 (D_t), undefined
-// without biases; the opmath factors are kept for mapping the gradients back.
-struct Folded {
-  at::Tensor w1, b1, w2, w, b;
-};
-
-Folded fold(const at::Tensor& w1, const Opt& b1, const at::Tensor& w2, const Opt& b2, at::ScalarType opmath) {
-  Folded f;
-  f.w1 = w1.to(opmath);  // (E, D_s)
-  f.w2 = w2.to(opmath);  // (D_t, E)
-  f.w = at::mm(f.w2, f.w1);
-  if (b1) {
-    f.b1 = b1->to(opmath);       // (E)
-    f.b = at::mv(f.w2, f.b1);    // fresh: may be added to in place
-    if (b2) f.b.add_(b2->to(opmath));
-  } else if (b2) {
-    f.b = b2->to(opmath);  // only read
-  }
-  return f;
-}
-
 struct Grads { at::Tensor student, w1, b1, w2, b2; };  // undefined when not computed
 
 // The chunk loop of both ops. distance: (N) opmath, or undefined. grad_rows: (N) opmath (any
@@ -71,7 +51,7 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
   const auto opmath = at::toOpMathType(s.scalar_type());
   const auto acc = s.options().dtype(opmath);
   const bool convert = opmath != s.scalar_type();  // half inputs: GEMMs in float32 on a converted chunk
-  const Folded f = fold(w1, b1, w2, b2, opmath);
+  const lib_fold::Folded f = lib_fold::fold(w1, b1, w2, b2, opmath);  // shared with the CPU op
   const int64_t chunk = chunk_rows(n, d, chunk_size);
   at::Tensor p_buf = at::empty({chunk, d.d_t}, acc);                                // projection, then dL/dp
   at::Tensor x_buf = convert ? at::empty({chunk, d.d_s}, acc) : at::Tensor();       // student chunk, then dL/ds
@@ -90,7 +70,7 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
     const at::Tensor s_c = s.narrow(0, r0, c);                            // (c, D_s)
     at::Tensor x = convert ? x_buf.narrow(0, 0, c).copy_(s_c) : s_c;      // (c, D_s) opmath
     at::Tensor p = p_buf.narrow(0, 0, c);                                 // (c, D_t) opmath
-    if (f.b.defined()) at::addmm_out(p, f.b, x, wt); else at::mm_out(p, x, wt);
+    if (f.b) at::addmm_out(p, *f.b, x, wt); else at::mm_out(p, x, wt);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "lib_cosine_distance_cuda", [&] {
       using T = cuda_scalar_t<scalar_t>;
       using A = cuda::opmath_t<T>;
@@ -113,13 +93,9 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
       at::mm_out(gs_c, p, f.w);
     }
   }
-  if (compute_grad) {
-    g.w1 = at::mm(f.w2.t(), dw).to(w1.scalar_type());  // (E, D_s)
-    at::Tensor dw2 = at::mm(dw, f.w1.t());               // (D_t, E)
-    if (b1) dw2.addr_(db, f.b1);
-    g.w2 = dw2.to(w2.scalar_type());
-    if (b1) g.b1 = at::mv(f.w2.t(), db).to(b1->scalar_type());
-    if (b2) g.b2 = db.to(b2->scalar_type());
+  if (compute_grad) {  // the factor gradients by the chain rule (common/lib_fold.h)
+    std::tie(g.w1, g.b1, g.w2, g.b2) =
+        lib_fold::unfold_grads(dw, db.defined() ? c10::optional<at::Tensor>(db) : c10::nullopt, w1, b1, w2, b2);
   }
   return g;
 }
