@@ -16,28 +16,13 @@ from pycosdist.denoise import config, training
 from pycosdist.denoise.cli import main
 from pycosdist.denoise.models import UNetConfig, UNetDenoiser
 from pycosdist.denoise.synth import synthesize_corpus
+from run_helpers import Interrupt, stop_after, strip_seconds
 
 TINY = ["model.channels=[4, 8]", "model.kernel_size=[3, 3]", "model.bottleneck_layers=1",
         "data.segment_seconds=0.5", "data.valid_speakers=1", "train.batch_size=2", "train.threads=1",
         "train.warmup_steps=1"]
 quiet = lambda *_: None
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _stop_after(n):
-    def hook(row):
-        if row["epoch"] == n:
-            raise Interrupt
-
-    return hook
-
-
-def _strip(history):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
 def _assert_same_weights(a, b, parts=("model", "kd")):
@@ -195,13 +180,13 @@ def test_bf16_distillation_runs_resumes_and_keeps_the_kd_term_in_float32(corpus,
     seen.clear()
 
     with pytest.raises(Interrupt):
-        training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet, on_epoch_end=_stop_after(1))
+        training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet, on_epoch_end=stop_after(1))
     resumed = training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet)
     a, b = (training.load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "split"))
     assert a["epoch"] == b["epoch"] == 2 and a["config"]["train"]["amp"] == "bf16"
     assert a["scaler"] == {}  # no loss scaling for bf16
     _assert_same_weights(a, b)
-    assert _strip(full["history"]) == _strip(resumed["history"])
+    assert strip_seconds(full["history"]) == strip_seconds(resumed["history"])
     for row in full["history"]:
         assert all(np.isfinite(row[k]) for k in ("train_loss", "train_task", "train_kd", "valid_loss"))
 
@@ -227,7 +212,7 @@ def test_loss_scaling_is_exact_and_its_state_is_checkpointed(corpus, teacher_ckp
     cfg = _distill_cfg(teacher_ckpt)
     training.train(cfg, corpus, tmp_path / "scaled", progress=False, log=quiet)
     with pytest.raises(Interrupt):
-        training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet, on_epoch_end=_stop_after(1))
+        training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet, on_epoch_end=stop_after(1))
     first = training.load_checkpoint(tmp_path / "split" / "last.pt")["scaler"]
     training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet)
     monkeypatch.setattr(torch.amp, "GradScaler", real_scaler)
@@ -264,7 +249,7 @@ def test_dataloader_workers_give_the_in_process_batches(corpus, teacher_ckpt, tm
         a, b = (training.load_checkpoint(tmp_path / f"{d}{cache}" / "last.pt") for d in ("inproc", "workers"))
         _assert_same_weights(a, b)
         assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-        assert _strip(a["history"]) == _strip(b["history"])
+        assert strip_seconds(a["history"]) == strip_seconds(b["history"])
     assert loaders == [2, 2]  # one DataLoader per epoch of the worker runs; none in-process
     assert real_workers(torch.device("cpu")) == 0
     assert real_workers(torch.device("cuda", 0)) >= 1

@@ -12,6 +12,7 @@ from pycosdist.denoise import config, distill, training
 from pycosdist.denoise.data import load_corpus
 from pycosdist.denoise.models import HOP, UNetConfig, UNetDenoiser
 from pycosdist.denoise.synth import synthesize_corpus
+from run_helpers import Interrupt, stop_after, strip_seconds
 
 TINY = ["model.channels=[4, 8]", "model.kernel_size=[3, 3]", "model.bottleneck_layers=1",
         "data.segment_seconds=0.5", "data.valid_speakers=1", "train.batch_size=2", "train.threads=1",
@@ -96,28 +97,12 @@ def test_training_steps_reduce_task_and_kd_loss():
 
 
 # --- resume -----------------------------------------------------------------------------------------
-class Interrupt(Exception):
-    pass
-
-
-def _stop_after(n):
-    def hook(row):
-        if row["epoch"] == n:
-            raise Interrupt
-
-    return hook
-
-
-def _strip(history):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
-
-
 def test_resume_equals_uninterrupted_run(corpus, teacher_ckpt, tmp_path):
     cfg = config.load_config(overrides=TINY + ["train.epochs=2", "kd.method=cosine_lib", f"kd.teacher={teacher_ckpt}"])
     quiet = lambda *_: None
     full = training.train(cfg, corpus, tmp_path / "full", progress=False, log=quiet)
     with pytest.raises(Interrupt):
-        training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet, on_epoch_end=_stop_after(1))
+        training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet, on_epoch_end=stop_after(1))
     assert training.load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
     resumed = training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet)
     a, b = (training.load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "split"))
@@ -130,14 +115,14 @@ def test_resume_equals_uninterrupted_run(corpus, teacher_ckpt, tmp_path):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["scheduler"] == b["scheduler"]
-    assert _strip(full["history"]) == _strip(resumed["history"])
+    assert strip_seconds(full["history"]) == strip_seconds(resumed["history"])
     # history files
     rows = json.loads((tmp_path / "split" / "history.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2] and {"train_loss", "train_task", "train_kd", "valid_loss"} <= rows[0].keys()
     assert (tmp_path / "split" / "history.csv").read_text().splitlines()[0].startswith("epoch,lr,train_loss")
     # a finished run is not retrained; a different config is refused
     again = training.train(cfg, corpus, tmp_path / "split", progress=False, log=quiet)
-    assert _strip(again["history"]) == _strip(full["history"])
+    assert strip_seconds(again["history"]) == strip_seconds(full["history"])
     with pytest.raises(ValueError, match=r"different configuration \(train.lr: 0.002 -> 0.001\)"):
         training.train(config.set_value(cfg, "train.lr=1e-3"), corpus, tmp_path / "split", progress=False, log=quiet)
 
@@ -266,6 +251,6 @@ def test_killed_run_resumes_without_losing_finished_epochs(corpus, tmp_path):
     assert main(args + ["--out", str(tmp_path / "full")]) == 0
     a, b = (training.load_checkpoint(tmp_path / d / "last.pt") for d in ("killed", "full"))
     assert a["epoch"] == b["epoch"] == 4
-    assert _strip(a["history"])[:done] == _strip(b["history"])[:done]  # finished epochs kept as they were
+    assert strip_seconds(a["history"])[:done] == strip_seconds(b["history"])[:done]  # finished epochs kept as they were
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
