@@ -104,6 +104,8 @@ def _plt():
 
 
 def _spec_db(wave: np.ndarray) -> np.ndarray:
+    import torch
+
     from .models import HOP, N_FFT
 
     x = torch.as_tensor(wave, dtype=torch.float32)
