@@ -193,3 +193,20 @@ def test_ablation_variants_and_tuning_on_validation(tmp_path, done):
         experiment.run_experiment(experiment.load_config(tmp_path / "abl.toml", overrides={
             "experiment": {"corpus": str(done / "out" / "corpus"), "eval_workers": 0},
             "tuning": {"factors": []}, "lambda": {"cosine_lib": 0.7}}), tmp_path / "out", log=lambda *_: None)
+
+
+def test_set_overrides_reach_the_config_and_bad_ones_exit_2(tmp_path, capsys):
+    overrides = experiment.parse_assignments(["student.train.epochs=2", "teacher.model.norm=group",
+                                              "experiment.expansions=[1, 8]", "tuning.factors=[0.5, 2]",
+                                              "experiment.scenarios=['student_shallow']"])
+    cfg = experiment.load_config(overrides=overrides)
+    assert cfg["student"]["train"]["epochs"] == 2 and cfg["teacher"]["model"]["norm"] == "group"
+    assert cfg["experiment"]["expansions"] == [1, 8] and cfg["tuning"]["factors"] == [0.5, 2.0]
+    assert cfg["experiment"]["scenarios"] == ["student_shallow"]
+    for bad, message in (("student.train.epoch=2", "train.epoch"), ("experiment.seed=2", "experiment.seed"),
+                         ("seeds", "KEY=VALUE"), ("experiment.expansions=[0]", "experiment.expansions"),
+                         ("tuning.factors=[-1]", "tuning.factors")):
+        assert main(["experiment", "--set", bad, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # nothing written before the config is valid
