@@ -379,7 +379,8 @@ def _finished_cell(run_dir: Path, planned: dict) -> dict:
     from . import training
 
     model, ckpt = training.load_model(run_dir / "best.pt")
-    diff = config_mod.differences(ckpt["config"], planned, ignore=config_mod.RESUMABLE_KEYS)
+    # kd.teacher is always this experiment's teacher/best.pt; its path changes when OUT is moved
+    diff = config_mod.differences(ckpt["config"], planned, ignore=(*config_mod.RESUMABLE_KEYS, "kd.teacher"))
     if diff:
         raise ValueError(f"{run_dir} was trained with another configuration than the one now planned "
                          f"({'; '.join(diff)}); use another --out, or the original configuration")
