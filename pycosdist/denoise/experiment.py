@@ -34,7 +34,8 @@ Every key is checked (an unknown key is an error that lists the valid ones). Lay
 ``corpus/``, ``teacher/`` (a training run), ``tune/<scenario>/<variant>/x<factor>/seed<k>/``,
 ``runs/<scenario>/<variant>/seed<k>/`` (training run + ``eval/``), ``runs.csv`` (one row per
 finished cell), ``results.*`` (mean ± std), ``gains.*`` (paired gains), ``tuning.csv`` and
-``pesq_vs_size.png``. A cell is finished when its test summary exists; rerunning skips finished
+``pesq_vs_size.png``; with ablation variants also ``contrasts.csv`` (:data:`CONTRASTS`: cosine vs
+MSE at a fixed adapter, LIB vs linear at a fixed loss, expansion e vs 4). A cell is finished when its test summary exists; rerunning skips finished
 cells (a killed run loses only the cell in progress, which resumes from its ``last.pt``). A finished
 cell whose recorded KD weight differs from the one now planned is an error, never silently reused.
 """
@@ -314,6 +315,47 @@ def plot_pesq_vs_size(rows: list[dict], out_path, teacher: dict | None = None, n
     return Path(out_path)
 
 
+# The ablation's paired contrasts (a - b, same seed): which of the paper's two ideas does the work.
+CONTRASTS = (
+    ("cosine_lib", "mse_lib", "cosine vs MSE, both through the LIB"),
+    ("cosine_linear", "fitnet_mse", "cosine vs MSE, both through one linear adapter"),
+    ("cosine_lib", "cosine_linear", "LIB vs one linear adapter, both cosine"),
+    ("mse_lib", "fitnet_mse", "LIB vs one linear adapter, both MSE"),
+    ("cosine_lib", "similarity_preserving", "ours vs the similarity-preserving baseline"),
+    *((f"cosine_lib_e{e}", "cosine_lib", f"cosine LIB expansion {e} vs 4") for e in (1, 2, 8)),
+    *((f"mse_lib_e{e}", "mse_lib", f"MSE LIB expansion {e} vs 4") for e in (1, 2, 8)),
+)
+
+
+def paired_contrasts(runs: list[dict], confidence: float = 0.95) -> list[dict]:
+    """The PESQ difference a - b (paired by seed) of every :data:`CONTRASTS` pair present in ``runs``,
+    per scenario: mean, sample std and t CI over the seeds both finished."""
+    pesq = {}
+    for r in runs:
+        pesq.setdefault((r["scenario"], r["variant"]), {})[r["seed"]] = r["pesq"]
+    rows = []
+    for scenario in dict.fromkeys(r["scenario"] for r in runs):
+        for a, b, meaning in CONTRASTS:
+            if (scenario, a) in pesq and (scenario, b) in pesq:
+                s = stats.paired_summary(pesq[(scenario, b)], pesq[(scenario, a)], confidence)
+                rows.append({"scenario": scenario, "contrast": f"{a} - {b}", "meaning": meaning, "seeds": s.n,
+                             "pesq_diff": s.mean, "pesq_std": s.std, "pesq_ci_low": s.ci_low, "pesq_ci_high": s.ci_high})
+    return rows
+
+
+def contrasts_markdown(rows: list[dict]) -> str:
+    out = ["| scenario | contrast (same seed) | what it isolates | paired seeds | PESQ difference [95% CI] |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        text = "-" if r["pesq_diff"] is None else f"{r['pesq_diff']:+.3f}"
+        if r["pesq_ci_low"] is not None:
+            text += f" [{r['pesq_ci_low']:+.3f}, {r['pesq_ci_high']:+.3f}]"
+            if r["pesq_ci_low"] > 0 or r["pesq_ci_high"] < 0:
+                text = f"**{text}**"
+        out.append(f"| {r['scenario']} | {r['contrast']} | {r['meaning']} | {r['seeds']} | {text} |")
+    return "\n".join(out) + "\n"
+
+
 def gains_markdown(rows: list[dict], effect: float) -> str:
     """The paired-gain table; a CI that excludes 0 is in bold (resolved at 95%)."""
     def ci(r, m):
@@ -396,6 +438,9 @@ def write_tables(out: Path, cfg: dict, runs: list[dict], reference_rows: list[di
     write_text_atomic(out / "runs.csv", _csv(runs))
     write_text_atomic(out / "results.csv", _csv(rows))
     write_text_atomic(out / "gains.csv", _csv(gains))
+    contrasts = paired_contrasts(runs)
+    if contrasts:
+        write_text_atomic(out / "contrasts.csv", _csv(contrasts))
     if tuning_rows:
         write_text_atomic(out / "tuning.csv", _csv(tuning_rows))
     lam_text = ", ".join(f"{s}/{v} {lam:g}" for (s, v), lam in lambdas.items())
@@ -409,9 +454,11 @@ def write_tables(out: Path, cfg: dict, runs: list[dict], reference_rows: list[di
             "over seeds; bold: the CI excludes 0. The seeds column next to it is what a paired t-test would "
             f"need to resolve {ex['effect']:g} PESQ with 80% power at the measured std.\n\n"
           + gains_markdown(gains, ex["effect"])
+          + ("\n## Ablation contrasts (paired by seed)\n\n" + contrasts_markdown(contrasts) if contrasts else "")
           + f"\nKD weights ({tuned}): {lam_text}. Wall time of this invocation: {seconds:.0f} s.\n")
     write_text_atomic(out / "results.md", md)
-    write_text_atomic(out / "results.json", json.dumps({"rows": rows, "gains": gains, "reference": reference_rows,
+    write_text_atomic(out / "results.json", json.dumps({"rows": rows, "gains": gains, "contrasts": contrasts,
+                                                        "reference": reference_rows,
                                                         "runs": runs, "tuning": tuning_rows, "seconds": seconds,
                                                         "lambdas": {f"{s}/{v}": lam for (s, v), lam in lambdas.items()},
                                                         "config": cfg}, indent=1))

@@ -210,3 +210,22 @@ def test_set_overrides_reach_the_config_and_bad_ones_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()  # nothing written before the config is valid
+
+
+def test_ablation_contrasts_are_paired_by_seed():
+    from scipy import stats as scipy_stats
+
+    rng = np.random.default_rng(3)
+    runs = []
+    for seed in range(5):
+        base = rng.normal(1.7, 0.05)
+        for variant, shift in (("none", 0.0), ("cosine_lib", 0.02), ("mse_lib", 0.0), ("cosine_lib_e8", 0.01)):
+            runs.append({"scenario": "s", "variant": variant, "seed": seed, "pesq": base + shift + rng.normal(0, 0.01)})
+    rows = {r["contrast"]: r for r in experiment.paired_contrasts(runs)}
+    assert set(rows) == {"cosine_lib - mse_lib", "cosine_lib_e8 - cosine_lib"}
+    pesq = lambda v: np.array([r["pesq"] for r in runs if r["variant"] == v])
+    ci = scipy_stats.ttest_rel(pesq("cosine_lib"), pesq("mse_lib")).confidence_interval(0.95)
+    r = rows["cosine_lib - mse_lib"]
+    assert r["seeds"] == 5 and r["pesq_diff"] == pytest.approx((pesq("cosine_lib") - pesq("mse_lib")).mean())
+    assert (r["pesq_ci_low"], r["pesq_ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert "cosine vs MSE, both through the LIB" in experiment.contrasts_markdown(list(rows.values()))
