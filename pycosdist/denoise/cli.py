@@ -87,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="repeated runs over mismatch scenarios and KD methods: mean ± std table")
     p.add_argument("config", type=Path, nargs="?", help="experiment TOML (see configs/experiment.toml)")
-    p.add_argument("--small", action="store_true", help="the small preset (about 30 min on 2 CPU cores)")
+    p.add_argument("--small", action="store_true", help="the small preset (about 45 min on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("experiment"), help="output folder (rerun to resume)")
     p.add_argument("--seeds", type=int, help="seeds per cell (0..N-1); overrides experiment.seeds")
     p.add_argument("--workers", type=int, help="evaluation worker processes; overrides experiment.eval_workers")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. student.train.device=cuda, experiment.seeds=4 (repeatable)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("demo", help="synthesize, train, distill, evaluate, report (the make demo job)")
@@ -246,7 +248,8 @@ def main(argv=None) -> int:
             from . import experiment
 
             given = {"seeds": args.seeds, "eval_workers": args.workers}
-            overrides = {"experiment": {k: v for k, v in given.items() if v is not None}}
+            overrides = experiment.parse_assignments(args.set)
+            overrides.setdefault("experiment", {}).update({k: v for k, v in given.items() if v is not None})
             ex_cfg = experiment.load_config(args.config, small=args.small, overrides=overrides)
             writable_folder(args.out, "--out")
             experiment.run_experiment(ex_cfg, args.out, progress=not args.no_progress)

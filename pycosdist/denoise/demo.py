@@ -1,15 +1,25 @@
 """The end-to-end demo (``pycosdist demo``, the main job of ``make demo``).
 
 The demo synthesizes the default corpus, trains the demo teacher, distills one student preset with
-no KD, the similarity-preserving baseline and the cosine/LIB loss, evaluates everything (and the
-noisy input) on the synthetic test set, and writes to the report folder: ``results.md`` /
-``results.csv`` / ``results.json`` (model, params, MACs, PESQ, STOI, SI-SDR), ``spectrograms.png``
-plus one ``spec_<row>.png`` per row (input, teacher, each student, clean) and ``training_curves.png``.
-Work files (corpus, runs, per-file scores) go to ``<report>/work``; rerunning resumes every stage.
+no KD, the similarity-preserving baseline and the cosine/LIB loss, each with :data:`DEMO_SEEDS`
+seeds, evaluates everything (and the noisy input) on the synthetic test set, and writes to the
+report folder: ``results.md`` / ``results.csv`` / ``results.json`` (one row per model and seed:
+params, MACs, PESQ, STOI, SI-SDR; then the mean ± std per method and the paired KD gains),
+``spectrograms.png`` plus one ``spec_<row>.png`` per row (input, teacher, each student's seed 0,
+clean) and ``training_curves.png``. Work files (corpus, runs, per-file scores) go to
+``<report>/work``; rerunning resumes every stage.
+
+Seeds are paired: within a seed every method starts from the same student initialization and sees
+the same crops in the same order (see :mod:`pycosdist.denoise.experiment`), so the KD effect is
+reported as the mean gain over no KD with a Student-t 95% CI computed two ways (:func:`seed_paired_gains`):
+over seeds (the per-seed difference of test-set means: what another training run would see) and
+over test files (the per-file difference, averaged over the seeds: what another test set would see).
+One seed decides nothing: a single run's gain flipped sign between two machines.
 """
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 
@@ -17,7 +27,8 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from .report import evaluate_checkpoints, paired_gain, plot_spectrograms, plot_training_curves, text_table, write_results
+from . import stats
+from .report import evaluate_checkpoints, plot_spectrograms, plot_training_curves, text_table, write_results
 
 # The demo recipe (also in configs/teacher_demo.toml and configs/student_demo.toml; a test keeps
 # them equal). kd.lambda was chosen on the VALIDATION split only (best valid PESQ of cosine_lib
@@ -34,6 +45,13 @@ DEMO_STUDENT = {
 }
 DEMO_METHODS = ("none", "similarity_preserving", "cosine_lib")
 
+# The demo's seeds, and the student training budget that makes DEMO_SEEDS x 3 students fit the
+# 15-minute `make demo` (the students train for fewer epochs on shorter crops than DEMO_STUDENT's
+# recipe; the teacher-latent cache is on). Traded: each student is less trained than the recipe's
+# (lower PESQ for every method); bought: 3 paired seeds per method, so the gain comes with a CI.
+DEMO_SEEDS = 3
+DEMO_STUDENT_BUDGET = {"train": {"epochs": 4}, "data": {"segment_seconds": 1.0}, "kd": {"teacher_cache": True}}
+
 
 def demo_config(kind: str) -> dict:
     """The full configuration of the demo's ``"teacher"`` or ``"student"`` run (KD method unset)."""
@@ -41,9 +59,88 @@ def demo_config(kind: str) -> dict:
         raise ValueError(f"kind: expected 'teacher' or 'student', got {kind!r}")
     return config_mod.merge(config_mod.DEFAULTS, DEMO_TEACHER if kind == "teacher" else DEMO_STUDENT)
 
+def demo_student_config(method: str, seed: int, teacher_ckpt) -> dict:
+    """One demo student run: :func:`demo_config` ("student") under :data:`DEMO_STUDENT_BUDGET`, with
+    ``method`` and ``seed``."""
+    return config_mod.merge(config_mod.merge(demo_config("student"), DEMO_STUDENT_BUDGET),
+                            {"kd": {"method": method, "teacher": str(teacher_ckpt)}, "train": {"seed": seed}})
+
+
+def _student_label(method: str, seed: int) -> str:
+    return f"student {method} seed{seed}"
+
+
+def _per_file(eval_dir, label: str, metric: str) -> dict:
+    path = Path(eval_dir) / f"{label.replace(' ', '_')}_per_file.csv"
+    with open(path, newline="") as f:
+        return {r["name"]: float(r[metric]) for r in csv.DictReader(f) if not r["error"] and r[metric]}
+
+
+def seed_paired_gains(eval_dir, methods, seeds, baseline: str = "none", metric: str = "pesq",
+                      confidence: float = 0.95) -> list[dict]:
+    """For each method other than ``baseline``, its gain in ``metric`` over ``baseline`` from the
+    per-file scores in ``eval_dir`` (``student_<method>_seed<k>_per_file.csv``), with t CIs:
+
+    - over seeds: per seed, the mean over files of (method - baseline) on the files both scored;
+      summarized over the seeds (``seeds_*``);
+    - over files: per file, (method - baseline) averaged over the seeds; summarized over the
+      files (``files_*``).
+    """
+    scores = {(m, k): _per_file(eval_dir, _student_label(m, k), metric) for m in methods for k in seeds}
+    out = []
+    for method in methods:
+        if method == baseline:
+            continue
+        per_seed, per_file = {}, {}
+        for k in seeds:
+            diffs = stats.paired_differences(scores[(baseline, k)], scores[(method, k)])
+            if diffs:
+                per_seed[k] = float(np.mean(list(diffs.values())))
+            for name, d in diffs.items():
+                per_file.setdefault(name, []).append(d)
+        over_seeds = stats.summarize(list(per_seed.values()), confidence)
+        over_files = stats.summarize([float(np.mean(v)) for v in per_file.values()], confidence)
+        out.append({"method": method, "baseline": baseline, "metric": metric, "gain": over_seeds.mean,
+                    **{f"seeds_{k}": v for k, v in over_seeds.as_dict().items()},
+                    **{f"files_{k}": v for k, v in over_files.as_dict().items()}})
+    return out
+
+
+def gains_markdown(gains: list[dict]) -> str:
+    def ci(g, over):
+        if g[f"{over}_ci_low"] is None:
+            return "-"
+        return f"[{g[f'{over}_ci_low']:+.3f}, {g[f'{over}_ci_high']:+.3f}]"
+
+    lines = ["| method | PESQ gain over no KD | 95% CI over seeds | seeds | 95% CI over test files | files |",
+             "|---|---|---|---|---|---|"]
+    for g in gains:
+        gain = "-" if g["gain"] is None else f"{g['gain']:+.3f}"
+        lines.append(f"| {g['method']} | {gain} | {ci(g, 'seeds')} | {g['seeds_n']} | {ci(g, 'files')} | "
+                     f"{g['files_n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def method_means(rows: list[dict], methods) -> str:
+    """Markdown: mean ± std over the seeds of each method's PESQ / STOI / SI-SDR."""
+    lines = ["| method | seeds | PESQ | STOI | SI-SDR (dB) |", "|---|---|---|---|---|"]
+    for method in methods:
+        mine = [r for r in rows if r.get("method") == method and r["model"].startswith("student ")]
+        cells = []
+        for m, digits in (("pesq", 3), ("stoi", 3), ("si_sdr", 1)):
+            s = stats.summarize([r[m] for r in mine])
+            cells.append("-" if s.mean is None else f"{s.mean:.{digits}f}"
+                         + ("" if s.std is None else f" ± {s.std:.{digits}f}"))
+        lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --- the demo --------------------------------------------------------------------------------------
-def run_demo(out="report", progress: bool = True, workers: int = 2, log=print) -> dict:
-    """Runs the whole demo (see the module docstring); returns the results dict."""
+def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, seeds: int = DEMO_SEEDS,
+             corpus_kwargs: dict | None = None, teacher_overrides: dict | None = None,
+             student_overrides: dict | None = None) -> dict:
+    """Runs the whole demo (see the module docstring); returns the results dict. ``corpus_kwargs``,
+    ``teacher_overrides``, ``student_overrides`` (training-config sections) shrink it for tests."""
     from . import data, synth, training
 
     t_start = time.perf_counter()
@@ -59,20 +156,24 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print) -
         log(f"== {name}: {timings[name]:.1f} s")
         return result
 
-    corpus_dir = stage("synthesize corpus", lambda: synth.synthesize_corpus(work / "corpus", seed=0))
+    corpus_dir = stage("synthesize corpus", lambda: synth.synthesize_corpus(work / "corpus", seed=0,
+                                                                             **(corpus_kwargs or {})))
     teacher_dir = work / "runs" / "teacher"
+    teacher_cfg = config_mod.merge(demo_config("teacher"), teacher_overrides or {})
     runs = {"teacher": stage("train teacher", lambda: training.train(
-        demo_config("teacher"), corpus_dir, teacher_dir, progress=progress, log=log))}
+        teacher_cfg, corpus_dir, teacher_dir, progress=progress, log=log))}
     teacher_ckpt = teacher_dir / "best.pt"
     student_preset = DEMO_STUDENT["model"]["preset"]
     checkpoints = {"teacher": teacher_ckpt}
-    for method in DEMO_METHODS:
-        cfg = config_mod.merge(demo_config("student"), {"kd": {"method": method, "teacher": str(teacher_ckpt)}})
-        label = f"student {method}"
-        run_dir = work / "runs" / f"student_{method}"
-        runs[label] = stage(f"distill {student_preset} with {method}", lambda: training.train(
-            cfg, corpus_dir, run_dir, progress=progress, log=log))
-        checkpoints[label] = run_dir / "best.pt"
+    seed_list = list(range(seeds))
+    for seed in seed_list:  # seed-major: a stopped demo leaves every method with as many seeds
+        for method in DEMO_METHODS:
+            cfg = config_mod.merge(demo_student_config(method, seed, teacher_ckpt), student_overrides or {})
+            label = _student_label(method, seed)
+            run_dir = work / "runs" / f"student_{method}_seed{seed}"
+            runs[label] = stage(f"distill {student_preset} with {method}, seed {seed}", lambda: training.train(
+                cfg, corpus_dir, run_dir, progress=progress, log=log))
+            checkpoints[label] = run_dir / "best.pt"
 
     test = data.load_corpus(corpus_dir).test
     rows = stage("evaluate on the test set", lambda: evaluate_checkpoints(
@@ -84,25 +185,29 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print) -
         noisy, clean = test[i]
         waves = {"noisy input": noisy.numpy()}
         for label, path in checkpoints.items():
-            model = training.load_model(path)[0]
-            with torch.no_grad():
-                waves[label] = model(noisy[None])[0].numpy()
+            if label == "teacher" or label.endswith(" seed0"):
+                model = training.load_model(path)[0]
+                with torch.no_grad():
+                    waves[label] = model(noisy[None])[0].numpy()
         waves["clean"] = clean.numpy()
         plot_spectrograms(waves, out, title=f"test file {test.names[i]}")
-        plot_training_curves({k: v["history"] for k, v in runs.items()}, out / "training_curves.png")
+        plot_training_curves({k: v["history"] for k, v in runs.items() if k == "teacher" or k.endswith(" seed0")},
+                             out / "training_curves.png")
 
     stage("figures", figures)
     wall = round(time.perf_counter() - t_start, 1)
-    gain = paired_gain(work / "eval", "student none", "student cosine_lib")
-    kd_gain = gain[0] if gain else None
-    notes = (f"Student preset `{student_preset}`; each row is its run's best.pt (best validation "
-             f"{DEMO_STUDENT['train']['valid_metric']}). PESQ gain of cosine_lib over no KD: "
-             + (f"{gain[0]:+.3f} (paired standard error {gain[1]:.3f} over {gain[2]} files)" if gain else "n/a")
-             + f". Wall time {wall:.0f} s (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ").")
+    gains = seed_paired_gains(work / "eval", DEMO_METHODS, seed_list)
+    budget = demo_student_config("none", 0, teacher_ckpt)
+    notes = (f"Student preset `{student_preset}`, {seeds} seeds per method (paired: same initialization and "
+             f"data order within a seed), each trained {budget['train']['epochs']} epochs on "
+             f"{budget['data']['segment_seconds']:g} s crops (the demo's budget); each row is its run's best.pt (best "
+             f"validation {budget['train']['valid_metric']}).\n\n"
+             "## Mean ± std over seeds\n\n" + method_means(rows, DEMO_METHODS)
+             + "\n## KD gain over no KD (PESQ), 95% Student-t CIs\n\n" + gains_markdown(gains)
+             + "\nA CI that contains 0 means this demo cannot tell the method from no KD. "
+             + f"Wall time {wall:.0f} s (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ").")
     extra = {"notes": notes, "wall_seconds": wall, "stage_seconds": timings, "torch_threads": torch.get_num_threads(),
-             "teacher_config": demo_config("teacher"), "student_config": demo_config("student"),
-             "pesq_gain_cosine_lib_over_none": kd_gain,
-             "pesq_gain_standard_error": gain[1] if gain else None}
+             "teacher_config": teacher_cfg, "student_config": budget, "seeds": seeds, "pesq_gains": gains}
     write_results(out, rows, extra)
     log("\n" + text_table(rows) + "\n\n" + notes)
     log(f"report written to {out}/ (results.md/.csv/.json, spectrograms.png, training_curves.png)")

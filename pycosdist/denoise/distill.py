@@ -17,6 +17,16 @@ downsample time. Methods (:data:`METHODS`):
 - ``cosine_lib``: ours, :class:`pycosdist.nn.CosineLIBDistillationLoss` (linear inverted bottleneck
   D_s -> e*D_s -> D_t, then mean per-frame cosine distance), layout ``'bcft'``.
 
+Ablation methods (they separate the paper's two ideas, the cosine distance and the LIB adapter):
+
+- ``cosine_linear``: cosine distance through ONE linear adapter D_s -> D_t (no inverted bottleneck);
+  the distance is the fused :func:`pycosdist.cosine_distance_loss`.
+- ``mse_lib``: FitNets' MSE through the LIB (:class:`pycosdist.nn.LinearInvertedBottleneck`, the
+  fused projection op) instead of one linear adapter.
+
+``fitnet_mse`` is the remaining corner (MSE through one linear adapter). The LIB methods
+(:data:`LIB_METHODS`) take the expansion factor e (``kd.expansion``).
+
 The teacher is frozen (:func:`freeze`): eval mode (BatchNorm uses its running statistics),
 ``requires_grad=False``, and its latents are computed under ``torch.no_grad()``.
 """
@@ -30,7 +40,8 @@ from torch import Tensor, nn
 from .. import reference
 from .models import UNetDenoiser, compress
 
-METHODS = ("none", "fitnet_mse", "similarity_preserving", "cosine_lib")
+METHODS = ("none", "fitnet_mse", "similarity_preserving", "cosine_lib", "cosine_linear", "mse_lib")
+LIB_METHODS = ("cosine_lib", "mse_lib")  # the methods whose adapter is a LIB (they use ``expansion``)
 
 
 def _frame_dim(shape, arg: str) -> int:
@@ -62,6 +73,37 @@ class FitNetMSELoss(nn.Module):
         s = reference.frames(student_latent, "bcft")
         t = reference.frames(teacher_latent, "bcft").detach()
         return F.mse_loss(self.adapter(s), t)
+
+
+class CosineLinearLoss(nn.Module):
+    """One linear adapter on student frames + mean per-frame cosine distance (fused op)."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, bias: bool = True, eps: float = 1e-8):
+        super().__init__()
+        self.adapter = nn.Linear(student_dim, teacher_dim, bias=bias)
+        self.eps = eps
+
+    def forward(self, student_latent: Tensor, teacher_latent: Tensor) -> Tensor:
+        from .. import cosine_distance_loss
+
+        _check_pair(student_latent, teacher_latent, self.adapter.in_features, self.adapter.out_features)
+        p = self.adapter(reference.frames(student_latent, "bcft"))  # (B*T, D_t)
+        return cosine_distance_loss(p, reference.frames(teacher_latent, "bcft").detach(), eps=self.eps)
+
+
+class MSELIBLoss(nn.Module):
+    """The LIB adapter D_s -> e*D_s -> D_t on student frames + MSE against teacher frames."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, expansion: int = 4, bias: bool = True):
+        super().__init__()
+        from ..nn import LinearInvertedBottleneck
+
+        self.lib = LinearInvertedBottleneck(student_dim, teacher_dim, expansion, bias)
+
+    def forward(self, student_latent: Tensor, teacher_latent: Tensor) -> Tensor:
+        _check_pair(student_latent, teacher_latent, self.lib.in_dim, self.lib.out_dim)
+        p = self.lib(reference.frames(student_latent, "bcft"))  # (B*T, D_t)
+        return F.mse_loss(p, reference.frames(teacher_latent, "bcft").detach())
 
 
 def frame_gram(latent: Tensor, eps: float = 1e-8) -> Tensor:
@@ -96,7 +138,7 @@ def make_kd_loss(method: str, student_latent_shape, teacher_latent_shape, *, exp
                  eps: float = 1e-8) -> nn.Module | None:
     """The KD module for ``method`` (see :data:`METHODS`) between latents of the given shapes
     ((C, F, T) or (B, C, F, T); only C*F matters), or None for ``'none'``. ``expansion``, ``bias``:
-    LIB settings of ``cosine_lib``; ``eps``: norm clamp of the cosine and SP normalizations."""
+    LIB settings of :data:`LIB_METHODS` (``bias`` also for the linear adapter of ``cosine_linear``); ``eps``: norm clamp of the cosine and SP normalizations."""
     if method not in METHODS:
         raise ValueError(f"method: unknown KD method {method!r}; expected one of {list(METHODS)}")
     if method == "none":
@@ -107,6 +149,10 @@ def make_kd_loss(method: str, student_latent_shape, teacher_latent_shape, *, exp
         return FitNetMSELoss(d_s, d_t)
     if method == "similarity_preserving":
         return SimilarityPreservingLoss(eps)
+    if method == "cosine_linear":
+        return CosineLinearLoss(d_s, d_t, bias, eps)
+    if method == "mse_lib":
+        return MSELIBLoss(d_s, d_t, expansion, bias)
     return _cosine_lib_module(d_s, d_t, expansion, bias, eps)
 
 

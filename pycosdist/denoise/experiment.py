@@ -1,23 +1,43 @@
-"""The paper's experiment: repeated runs over teacher/student mismatch scenarios (``pycosdist experiment``).
+"""The paper's experiment and its ablation: repeated, seed-paired runs over teacher/student mismatch
+scenarios and KD methods (``pycosdist experiment``).
 
-For each scenario (a student preset), each KD method and each seed, a student is distilled from
-one teacher and evaluated on the test set; the table gives mean ± std (sample std, ddof=1, over the
-seeds) of PESQ, STOI and SI-SDR per scenario and method, and a plot shows PESQ against student size.
+For each scenario (a student preset), each variant (a KD method, and for the LIB methods each
+expansion factor) and each seed, a student is distilled from one teacher and evaluated on the test
+set. Within a seed every variant starts from the same student initialization and sees the same
+crops in the same order (training seeds both from ``train.seed`` alone; the KD module is built after
+the student), so variant minus no KD, per seed, is a paired difference. Tables:
 
-The configuration (TOML, see ``configs/experiment.toml``) has the sections:
+- mean ± std (sample std, ddof=1, over the seeds) of PESQ, STOI and SI-SDR per scenario and variant;
+- the paired gain over no KD: mean of (variant - none) over the seeds both finished, its std, the
+  Student-t 95% CI (:mod:`pycosdist.denoise.stats`), and the number of seeds a paired t-test would
+  need to resolve ``experiment.effect`` PESQ at 80% power given that std;
+- a plot of PESQ against student size.
 
-- ``[experiment]``: ``scenarios`` (student presets), ``methods``, ``seeds`` (count: seeds 0..N-1),
-  ``corpus`` (an existing corpus root; empty: synthesize one into ``OUT/corpus``), ``eval_workers``.
+The configuration (TOML, see ``configs/experiment.toml`` and ``configs/experiment_ablation.toml``)
+has the sections:
+
+- ``[experiment]``: ``scenarios`` (student presets), ``methods``, ``expansions`` (LIB expansion
+  factors; each LIB method (``cosine_lib``, ``mse_lib``) runs once per factor; the variant is named
+  ``<method>_e<e>`` except at the default e = 4, which keeps the plain name), ``seeds`` (count:
+  seeds 0..N-1), ``corpus`` (an existing corpus root; empty: synthesize one into ``OUT/corpus``),
+  ``eval_workers``, ``effect`` (the PESQ difference the power column is sized for).
 - ``[corpus]``: :func:`pycosdist.synth.synthesize_corpus` arguments for the synthesized corpus.
 - ``[lambda]``: KD weight per method (``kd.lambda`` of its runs).
+- ``[tuning]``: ``factors`` (empty: no tuning) and ``seeds``. With factors, every KD variant first
+  trains ``len(factors) x seeds`` runs at ``lambda[method] x factor`` (seeds 1000, 1001, ...: never
+  an evaluation seed) and keeps the factor with the best mean VALIDATION score (``student.train.
+  valid_metric``; the test set is not looked at): the same tuning budget for every method.
 - ``[teacher.<section>]`` / ``[student.<section>]``: training-config overrides
   (:data:`pycosdist.config.DEFAULTS` keys) for the teacher run and for every student run.
 
 Every key is checked (an unknown key is an error that lists the valid ones). Layout of ``OUT``:
-``corpus/``, ``teacher/`` (a training run), ``runs/<scenario>/<method>/seed<k>/`` (training run +
-``eval/``), ``runs.csv`` (one row per finished cell), ``results.md`` / ``results.csv`` /
-``results.json`` and ``pesq_vs_size.png``. A cell is finished when its test summary exists; rerunning
-skips finished cells and resumes an interrupted one from its ``last.pt``.
+``corpus/``, ``teacher/`` (a training run), ``tune/<scenario>/<variant>/x<factor>/seed<k>/``,
+``runs/<scenario>/<variant>/seed<k>/`` (training run + ``eval/``), ``runs.csv`` (one row per
+finished cell), ``results.*`` (mean ± std), ``gains.*`` (paired gains), ``tuning.csv`` and
+``pesq_vs_size.png``; with ablation variants also ``contrasts.csv`` (:data:`CONTRASTS`: cosine vs
+MSE at a fixed adapter, LIB vs linear at a fixed loss, expansion e vs 4). A cell is finished when its test summary exists; rerunning skips finished
+cells (a killed run loses only the cell in progress, which resumes from its ``last.pt``). A finished
+cell whose recorded KD weight differs from the one now planned is an error, never silently reused.
 """
 
 from __future__ import annotations
@@ -34,29 +54,38 @@ import numpy as np
 
 from . import config as config_mod
 from .audio import write_text_atomic
-from .distill import METHODS
+from . import stats
+from .distill import LIB_METHODS, METHODS
 
 METRICS = ("pesq", "stoi", "si_sdr")
 
 EXPERIMENT_DEFAULTS: dict[str, dict] = {
     "experiment": {
         "scenarios": ["student_half", "student_quarter", "student_eighth", "student_shallow"],
-        "methods": list(METHODS),
+        "methods": ["none", "fitnet_mse", "similarity_preserving", "cosine_lib"],
+        "expansions": [4],
         "seeds": 3,
         "corpus": "",
         "eval_workers": 2,
+        "effect": 0.03,
     },
     "corpus": {"n_train_speakers": 8, "n_test_speakers": 2, "utts_per_speaker": 25, "test_utts_per_speaker": 15,
                "seed": 0},
-    # cosine_lib: chosen on the demo's validation split. The other two are scaled so that lambda * KD
-    # starts at the size of cosine_lib's (measured on the demo: cosine ~0.45 -> 0.1, SP ~0.003 -> 0.001).
-    "lambda": {"fitnet_mse": 0.1, "similarity_preserving": 10.0, "cosine_lib": 0.1},
+    # cosine_lib: chosen on the demo's validation split. The others are scaled so that lambda * KD
+    # starts at the size of cosine_lib's (measured on the demo: cosine ~0.45 -> 0.1, SP ~0.003 -> 0.001;
+    # the MSEs start near the cosine's size). [tuning] gives every method the same search around these.
+    "lambda": {"fitnet_mse": 0.1, "similarity_preserving": 10.0, "cosine_lib": 0.1, "cosine_linear": 0.1,
+               "mse_lib": 0.1},
+    "tuning": {"factors": [], "seeds": 1},
     "teacher": {},
     "student": {},
 }
 
-# The --small preset: on our 2-core CPU, corpus + teacher + 48 student runs + evaluation in ~40 min.
+# The --small preset: on our 2-core CPU, corpus + teacher + 80 student runs (4 scenarios x 4 methods
+# x 5 seeds) + evaluation in ~42 min (3 seeds measured 26 min, 29 s per cell). 5 paired seeds resolve
+# only large effects (CI half-width ~0.05 PESQ at a paired std of 0.04); the full preset is sized for 0.03.
 SMALL = {
+    "experiment": {"seeds": 5},
     "corpus": {"n_train_speakers": 6, "n_test_speakers": 2, "utts_per_speaker": 20, "test_utts_per_speaker": 12},
     "teacher": {"train": {"epochs": 6, "lr": 3e-3}, "data": {"valid_speakers": 1}},
     "student": {"train": {"epochs": 6, "lr": 3e-3, "valid_metric": "loss"}, "data": {"valid_speakers": 1}},
@@ -108,7 +137,12 @@ def load_config(path=None, small: bool = False, overrides: dict | None = None) -
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config {path}: not valid TOML ({e})") from None
     cfg = _merge(cfg, overrides or {})
-    ex = cfg["experiment"]
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: dict) -> None:
+    ex, tune = cfg["experiment"], cfg["tuning"]
     from .models import PRESETS
 
     for s in ex["scenarios"]:
@@ -117,37 +151,117 @@ def load_config(path=None, small: bool = False, overrides: dict | None = None) -
     for m in ex["methods"]:
         if m not in METHODS:
             raise ValueError(f"experiment.methods: unknown KD method {m!r}; expected some of {list(METHODS)}")
+    if not ex["scenarios"] or not ex["methods"] or not ex["expansions"]:
+        raise ValueError("experiment: scenarios, methods and expansions must not be empty")
+    if len(set(ex["methods"])) != len(ex["methods"]) or len(set(ex["expansions"])) != len(ex["expansions"]):
+        raise ValueError(f"experiment: methods {ex['methods']} and expansions {ex['expansions']} must not repeat")
+    for e in ex["expansions"]:
+        if type(e) is not int or e < 1:
+            raise ValueError(f"experiment.expansions: expected integers >= 1, got {ex['expansions']!r}")
     if ex["seeds"] < 1:
         raise ValueError(f"experiment.seeds: expected >= 1, got {ex['seeds']}")
     if ex["eval_workers"] < 0:
         raise ValueError(f"experiment.eval_workers: expected >= 0 (0: evaluate in this process), got {ex['eval_workers']}")
-    if not ex["scenarios"] or not ex["methods"]:
-        raise ValueError("experiment: scenarios and methods must not be empty")
-    return cfg
+    if not ex["effect"] > 0:
+        raise ValueError(f"experiment.effect: expected a PESQ difference > 0, got {ex['effect']}")
+    for f in tune["factors"]:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0:
+            raise ValueError(f"tuning.factors: expected numbers > 0 (multipliers of [lambda]), got {tune['factors']!r}")
+    tune["factors"] = [float(f) for f in tune["factors"]]
+    if tune["seeds"] < 1:
+        raise ValueError(f"tuning.seeds: expected >= 1, got {tune['seeds']}")
 
 
-def student_config(cfg: dict, scenario: str, method: str, seed: int, teacher_ckpt) -> dict:
-    """The training configuration of one cell."""
+def parse_assignments(assignments) -> dict:
+    """``["student.train.device=cuda", "experiment.seeds=4", ...]`` (the CLI's ``--set``) as an
+    ``overrides`` dict for :func:`load_config`. ``teacher.`` / ``student.`` keys take a training-config
+    key (typed like :data:`pycosdist.config.DEFAULTS`); other values are TOML literals (a bare word is
+    a string)."""
+    out: dict = {}
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        parts = key.strip().split(".")
+        if not sep or any(not p for p in parts):
+            raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. student.train.device=cuda or experiment.seeds=4")
+        value = value.strip()
+        if parts[0] in ("teacher", "student"):
+            if len(parts) != 3:
+                raise _unknown(key, [f"{parts[0]}.{k}" for k in config_mod.valid_keys()])
+            out.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = config_mod.coerce(".".join(parts[1:]), value)
+            continue
+        if len(parts) != 2:
+            raise _unknown(key, [f"{s}.{k}" for s, keys in EXPERIMENT_DEFAULTS.items() for k in keys])
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        out.setdefault(parts[0], {})[parts[1]] = parsed
+    return out
+
+
+DEFAULT_EXPANSION = config_mod.DEFAULTS["kd"]["expansion"]
+TUNING_SEED0 = 1000  # tuning runs use seeds 1000, 1001, ...: never an evaluation seed
+
+
+def variants(cfg: dict) -> list[tuple[str, str, int]]:
+    """``(label, method, expansion)`` of every variant: each method, and each LIB method once per
+    expansion factor (label ``<method>_e<e>``; the default factor keeps the plain method name)."""
+    out = []
+    for method in cfg["experiment"]["methods"]:
+        for e in cfg["experiment"]["expansions"] if method in LIB_METHODS else [DEFAULT_EXPANSION]:
+            out.append((method if e == DEFAULT_EXPANSION else f"{method}_e{e}", method, e))
+    return out
+
+
+def student_config(cfg: dict, scenario: str, method: str, seed: int, teacher_ckpt,
+                   expansion: int = DEFAULT_EXPANSION, lam: float | None = None) -> dict:
+    """The training configuration of one cell (``lam``: the KD weight; default ``cfg["lambda"][method]``)."""
     kd = {"method": method, "teacher": "" if method == "none" else str(teacher_ckpt)}
     if method != "none":
-        kd["lambda"] = cfg["lambda"][method]
+        kd["lambda"] = cfg["lambda"][method] if lam is None else lam
+    if method in LIB_METHODS:
+        kd["expansion"] = expansion
     return config_mod.merge(config_mod.merge(config_mod.DEFAULTS, cfg["student"]),
                             {"model": {"preset": scenario}, "train": {"seed": seed}, "kd": kd})
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (scenario, method) in first-seen order: params, seeds, and for each metric its mean
+    """One row per (scenario, variant) in first-seen order: params, seeds, and for each metric its mean
     and sample std (ddof=1; None for a single seed) over the runs."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["scenario"], r["method"]), []).append(r)
+        groups.setdefault((r["scenario"], r["variant"]), []).append(r)
     rows = []
-    for (scenario, method), rs in groups.items():
-        row = {"scenario": scenario, "method": method, "params": rs[0]["params"], "seeds": len(rs)}
+    for (scenario, variant), rs in groups.items():
+        row = {"scenario": scenario, "variant": variant, "method": rs[0]["method"], "expansion": rs[0]["expansion"],
+               "params": rs[0]["params"], "seeds": len(rs)}
         for m in METRICS:
-            vals = np.array([r[m] for r in rs if r[m] is not None], dtype=float)
-            row[f"{m}_mean"] = float(vals.mean()) if len(vals) else None
-            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else None
+            summary = stats.summarize([r[m] for r in rs])
+            row[f"{m}_mean"], row[f"{m}_std"] = summary.mean, summary.std
+        rows.append(row)
+    return rows
+
+
+def paired_gains(runs: list[dict], effect: float, baseline: str = "none", confidence: float = 0.95) -> list[dict]:
+    """Per scenario and variant (other than ``baseline``): the paired difference variant - baseline
+    over the seeds both finished, for each metric its mean, sample std and t CI; and the number of
+    seeds a paired t-test needs to detect a PESQ difference of ``effect`` with 80% power at this std."""
+    by_key = {(r["scenario"], r["variant"]): {} for r in runs}
+    for r in runs:
+        by_key[(r["scenario"], r["variant"])][r["seed"]] = r
+    rows = []
+    for (scenario, variant), seeds in by_key.items():
+        base = by_key.get((scenario, baseline))
+        if variant == baseline or base is None:
+            continue
+        row = {"scenario": scenario, "variant": variant}
+        for m in METRICS:
+            s = stats.paired_summary({k: r[m] for k, r in base.items()}, {k: r[m] for k, r in seeds.items()},
+                                     confidence)
+            row["seeds"] = s.n
+            row.update({f"{m}_gain": s.mean, f"{m}_std": s.std, f"{m}_ci_low": s.ci_low, f"{m}_ci_high": s.ci_high})
+        std = row["pesq_std"]
+        row["seeds_needed"] = stats.required_pairs(effect, std, confidence=confidence) if std else None
         rows.append(row)
     return rows
 
@@ -160,14 +274,16 @@ def markdown(rows: list[dict], reference_rows: list[dict]) -> str:
             return "-"
         return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
-    out = ["| scenario | method | params | seeds | PESQ | STOI | SI-SDR (dB) |", "|---|---|---|---|---|---|---|"]
+    out = ["| scenario | variant | params | seeds | PESQ | STOI | SI-SDR (dB) |", "|---|---|---|---|---|---|---|"]
     for r in reference_rows + rows:
-        out.append(f"| {r['scenario']} | {r['method']} | {r['params']:,} | {r['seeds']} | "
+        out.append(f"| {r['scenario']} | {r['variant']} | {r['params']:,} | {r['seeds']} | "
                    + " | ".join(pm(r, m) for m in METRICS) + " |")
     return "\n".join(out) + "\n"
 
 
 def _csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
     buf = io.StringIO()
     w = csv.DictWriter(buf, list(rows[0]), lineterminator="\n")
     w.writeheader()
@@ -180,9 +296,9 @@ def plot_pesq_vs_size(rows: list[dict], out_path, teacher: dict | None = None, n
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for method in dict.fromkeys(r["variant"] for r in rows):
         pts = sorted((r["params"], r["pesq_mean"], r["pesq_std"] or 0.0) for r in rows
-                     if r["method"] == method and r["pesq_mean"] is not None)
+                     if r["variant"] == method and r["pesq_mean"] is not None)
         if pts:
             x, y, e = zip(*pts)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method)
@@ -199,9 +315,160 @@ def plot_pesq_vs_size(rows: list[dict], out_path, teacher: dict | None = None, n
     return Path(out_path)
 
 
+# The ablation's paired contrasts (a - b, same seed): which of the paper's two ideas does the work.
+CONTRASTS = (
+    ("cosine_lib", "mse_lib", "cosine vs MSE, both through the LIB"),
+    ("cosine_linear", "fitnet_mse", "cosine vs MSE, both through one linear adapter"),
+    ("cosine_lib", "cosine_linear", "LIB vs one linear adapter, both cosine"),
+    ("mse_lib", "fitnet_mse", "LIB vs one linear adapter, both MSE"),
+    ("cosine_lib", "similarity_preserving", "ours vs the similarity-preserving baseline"),
+    *((f"cosine_lib_e{e}", "cosine_lib", f"cosine LIB expansion {e} vs 4") for e in (1, 2, 8)),
+    *((f"mse_lib_e{e}", "mse_lib", f"MSE LIB expansion {e} vs 4") for e in (1, 2, 8)),
+)
+
+
+def paired_contrasts(runs: list[dict], confidence: float = 0.95) -> list[dict]:
+    """The PESQ difference a - b (paired by seed) of every :data:`CONTRASTS` pair present in ``runs``,
+    per scenario: mean, sample std and t CI over the seeds both finished."""
+    pesq = {}
+    for r in runs:
+        pesq.setdefault((r["scenario"], r["variant"]), {})[r["seed"]] = r["pesq"]
+    rows = []
+    for scenario in dict.fromkeys(r["scenario"] for r in runs):
+        for a, b, meaning in CONTRASTS:
+            if (scenario, a) in pesq and (scenario, b) in pesq:
+                s = stats.paired_summary(pesq[(scenario, b)], pesq[(scenario, a)], confidence)
+                rows.append({"scenario": scenario, "contrast": f"{a} - {b}", "meaning": meaning, "seeds": s.n,
+                             "pesq_diff": s.mean, "pesq_std": s.std, "pesq_ci_low": s.ci_low, "pesq_ci_high": s.ci_high})
+    return rows
+
+
+def contrasts_markdown(rows: list[dict]) -> str:
+    out = ["| scenario | contrast (same seed) | what it isolates | paired seeds | PESQ difference [95% CI] |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        text = "-" if r["pesq_diff"] is None else f"{r['pesq_diff']:+.3f}"
+        if r["pesq_ci_low"] is not None:
+            text += f" [{r['pesq_ci_low']:+.3f}, {r['pesq_ci_high']:+.3f}]"
+            if r["pesq_ci_low"] > 0 or r["pesq_ci_high"] < 0:
+                text = f"**{text}**"
+        out.append(f"| {r['scenario']} | {r['contrast']} | {r['meaning']} | {r['seeds']} | {text} |")
+    return "\n".join(out) + "\n"
+
+
+def gains_markdown(rows: list[dict], effect: float) -> str:
+    """The paired-gain table; a CI that excludes 0 is in bold (resolved at 95%)."""
+    def ci(r, m):
+        digits = 1 if m == "si_sdr" else 3
+        if r[f"{m}_gain"] is None:
+            return "-"
+        text = f"{r[f'{m}_gain']:+.{digits}f}"
+        if r[f"{m}_ci_low"] is not None:
+            text += f" [{r[f'{m}_ci_low']:+.{digits}f}, {r[f'{m}_ci_high']:+.{digits}f}]"
+            if r[f"{m}_ci_low"] > 0 or r[f"{m}_ci_high"] < 0:
+                text = f"**{text}**"
+        return text
+
+    out = ["| scenario | variant | paired seeds | PESQ gain [95% CI] | std of PESQ diff | "
+           f"seeds for {effect:g} PESQ at 80% power | STOI gain [95% CI] | SI-SDR gain (dB) [95% CI] |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        std = "-" if r["pesq_std"] is None else f"{r['pesq_std']:.3f}"
+        need = "-" if r["seeds_needed"] is None else str(r["seeds_needed"])
+        out.append(f"| {r['scenario']} | {r['variant']} | {r['seeds']} | {ci(r, 'pesq')} | {std} | {need} | "
+                   f"{ci(r, 'stoi')} | {ci(r, 'si_sdr')} |")
+    return "\n".join(out) + "\n"
+
+
+def tune_lambdas(cfg: dict, corpus_dir, teacher_ckpt, out: Path, progress: bool, log) -> tuple[dict, list[dict]]:
+    """``{(scenario, label): lambda}`` chosen on the validation split (see ``[tuning]``), and one row
+    per tuning run. Without ``tuning.factors``: the ``[lambda]`` values, no runs."""
+    from . import training
+
+    factors, n_seeds = cfg["tuning"]["factors"], cfg["tuning"]["seeds"]
+    chosen, rows = {}, []
+    metric = config_mod.merge(config_mod.DEFAULTS, cfg["student"])["train"]["valid_metric"]
+    for scenario in cfg["experiment"]["scenarios"]:
+        for label, method, e in variants(cfg):
+            if method == "none":
+                continue
+            base = cfg["lambda"][method]
+            if not factors:
+                chosen[(scenario, label)] = base
+                continue
+            scores = {}
+            for f in factors:
+                for k in range(n_seeds):
+                    run_dir = out / "tune" / scenario / label / f"x{f:g}" / f"seed{TUNING_SEED0 + k}"
+                    log(f"== tuning {scenario} / {label} / lambda {base * f:g} / seed {TUNING_SEED0 + k}")
+                    summary = training.train(student_config(cfg, scenario, method, TUNING_SEED0 + k, teacher_ckpt, e,
+                                                            base * f), corpus_dir, run_dir, progress=progress, log=log)
+                    score = summary["best"]["score"] if summary["best"] else float("nan")
+                    scores.setdefault(f, []).append(score)
+                    rows.append({"scenario": scenario, "variant": label, "factor": f, "lambda": base * f,
+                                 "seed": TUNING_SEED0 + k, f"valid_{metric}": score})
+            sign = -1.0 if metric == "loss" else 1.0  # loss: lower is better
+            best = max(factors, key=lambda f: sign * float(np.nanmean(scores[f])))
+            chosen[(scenario, label)] = base * best
+            for r in rows:
+                if (r["scenario"], r["variant"]) == (scenario, label):
+                    r["chosen"] = r["factor"] == best
+    return chosen, rows
+
+
+def _finished_cell(run_dir: Path, planned: dict) -> dict:
+    """The checkpoint of a finished cell, after checking it was trained with the planned KD settings."""
+    from . import training
+
+    model, ckpt = training.load_model(run_dir / "best.pt")
+    # kd.teacher is always this experiment's teacher/best.pt; its path changes when OUT is moved
+    diff = config_mod.differences(ckpt["config"], planned, ignore=(*config_mod.RESUMABLE_KEYS, "kd.teacher"))
+    if diff:
+        raise ValueError(f"{run_dir} was trained with another configuration than the one now planned "
+                         f"({'; '.join(diff)}); use another --out, or the original configuration")
+    return {"model": model, "ckpt": ckpt}
+
+
+def write_tables(out: Path, cfg: dict, runs: list[dict], reference_rows: list[dict], n_test: int, seconds: float,
+                 lambdas: dict, tuning_rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """runs.csv, results.{md,csv,json}, gains.{md,csv} and tuning.csv from the finished runs."""
+    ex = cfg["experiment"]
+    rows = summarize(runs)
+    gains = paired_gains(runs, ex["effect"])
+    write_text_atomic(out / "runs.csv", _csv(runs))
+    write_text_atomic(out / "results.csv", _csv(rows))
+    write_text_atomic(out / "gains.csv", _csv(gains))
+    contrasts = paired_contrasts(runs)
+    if contrasts:
+        write_text_atomic(out / "contrasts.csv", _csv(contrasts))
+    if tuning_rows:
+        write_text_atomic(out / "tuning.csv", _csv(tuning_rows))
+    lam_text = ", ".join(f"{s}/{v} {lam:g}" for (s, v), lam in lambdas.items())
+    tuned = (f"chosen on the validation split over factors {cfg['tuning']['factors']} x [lambda] "
+             f"({cfg['tuning']['seeds']} tuning seed(s) per factor, the same for every method)"
+             if cfg["tuning"]["factors"] else "the [lambda] values, not tuned in this run")
+    md = (f"# Experiment: test set ({n_test} files), seeds 0..{ex['seeds'] - 1}\n\n"
+          "## Mean ± std over seeds\n\n" + markdown(rows, reference_rows)
+          + "\n## Paired gain over no KD (same seed: same initialization and data order)\n\n"
+          + "Mean of (variant - none) over the seeds both finished, its sample std, and the Student-t 95% CI "
+            "over seeds; bold: the CI excludes 0. The seeds column next to it is what a paired t-test would "
+            f"need to resolve {ex['effect']:g} PESQ with 80% power at the measured std.\n\n"
+          + gains_markdown(gains, ex["effect"])
+          + ("\n## Ablation contrasts (paired by seed)\n\n" + contrasts_markdown(contrasts) if contrasts else "")
+          + f"\nKD weights ({tuned}): {lam_text}. Wall time of this invocation: {seconds:.0f} s.\n")
+    write_text_atomic(out / "results.md", md)
+    write_text_atomic(out / "results.json", json.dumps({"rows": rows, "gains": gains, "contrasts": contrasts,
+                                                        "reference": reference_rows,
+                                                        "runs": runs, "tuning": tuning_rows, "seconds": seconds,
+                                                        "lambdas": {f"{s}/{v}": lam for (s, v), lam in lambdas.items()},
+                                                        "config": cfg}, indent=1))
+    return rows, gains
+
+
 def run_experiment(cfg: dict, out, progress: bool = False, log=print) -> dict:
-    """Runs (or resumes) every cell of ``cfg`` (from :func:`load_config`) into ``out``; writes the tables
-    and the plot; returns ``{"rows", "runs", "seconds"}``."""
+    """Runs (or resumes) every cell of ``cfg`` (from :func:`load_config`) into ``out``, seed by seed
+    (so that a stopped run leaves every variant with about as many paired seeds); rewrites the tables
+    after every cell and draws the plot at the end; returns ``{"rows", "gains", "runs", "seconds"}``."""
     from . import data, evaluation, synth, training
     from .models import count_parameters
 
@@ -217,51 +484,48 @@ def run_experiment(cfg: dict, out, progress: bool = False, log=print) -> dict:
     teacher_ckpt = out / "teacher" / "best.pt"
     test = data.load_corpus(corpus_dir).test
 
-    def evaluated(label, ckpt_path, eval_dir):
+    def evaluated(label, model, eval_dir):
         summary_path = eval_dir / f"{label}_summary.json"
         if not summary_path.is_file():
-            if ckpt_path is None:
+            if model is None:
                 evaluation.evaluate_noisy(test, eval_dir, workers=ex["eval_workers"])
             else:
-                model = training.load_model(ckpt_path)[0]
                 evaluation.evaluate(lambda x: model(x[None])[0], test, eval_dir, label, workers=ex["eval_workers"])
         return json.loads(summary_path.read_text())
 
     def ref_row(name, params, s):
-        return {"scenario": name, "method": "-", "params": params, "seeds": 1,
+        return {"scenario": name, "variant": "-", "params": params, "seeds": 1,
                 **{k: v for m in METRICS for k, v in ((f"{m}_mean", s[m]), (f"{m}_std", None))}}
 
     noisy = evaluated("noisy", None, out / "eval")
     teacher_model = training.load_model(teacher_ckpt)[0]
-    teacher_row = ref_row("teacher", count_parameters(teacher_model), evaluated("teacher", teacher_ckpt, out / "eval"))
+    teacher_row = ref_row("teacher", count_parameters(teacher_model),
+                          evaluated("teacher", teacher_model, out / "eval"))
     reference_rows = [ref_row("noisy input", 0, noisy), teacher_row]
+    lambdas, tuning_rows = tune_lambdas(cfg, corpus_dir, teacher_ckpt, out, progress, log)
 
     runs = []
-    cells = [(s, m, k) for s in ex["scenarios"] for m in ex["methods"] for k in range(ex["seeds"])]
-    for i, (scenario, method, seed) in enumerate(cells, 1):
-        run_dir = out / "runs" / scenario / method / f"seed{seed}"
+    cells = [(k, s, v) for k in range(ex["seeds"]) for s in ex["scenarios"] for v in variants(cfg)]
+    for i, (seed, scenario, (label, method, e)) in enumerate(cells, 1):
+        run_dir = out / "runs" / scenario / label / f"seed{seed}"
+        planned = student_config(cfg, scenario, method, seed, teacher_ckpt, e, lambdas.get((scenario, label)))
         if not (run_dir / "eval" / "test_summary.json").is_file():
             t_cell = time.perf_counter()
-            log(f"== cell {i}/{len(cells)}: {scenario} / {method} / seed {seed}")
-            training.train(student_config(cfg, scenario, method, seed, teacher_ckpt), corpus_dir, run_dir,
-                           progress=progress, log=log)
-            evaluated("test", run_dir / "best.pt", run_dir / "eval")
+            log(f"== cell {i}/{len(cells)}: {scenario} / {label} / seed {seed}")
+            training.train(planned, corpus_dir, run_dir, progress=progress, log=log)
+            evaluated("test", training.load_model(run_dir / "best.pt")[0], run_dir / "eval")
             log(f"== cell {i}/{len(cells)} done in {time.perf_counter() - t_cell:.0f} s")
+        cell = _finished_cell(run_dir, planned)
         s = json.loads((run_dir / "eval" / "test_summary.json").read_text())
-        params = count_parameters(training.load_model(run_dir / "best.pt")[0])
-        runs.append({"scenario": scenario, "method": method, "seed": seed, "params": params,
-                     **{m: s[m] for m in METRICS}, "n_failed": s["n_failed"]})
-
-    rows = summarize(runs)
-    write_text_atomic(out / "runs.csv", _csv(runs))
-    write_text_atomic(out / "results.csv", _csv(rows))
+        runs.append({"scenario": scenario, "variant": label, "method": method,
+                     "expansion": e if method in LIB_METHODS else None, "seed": seed,
+                     "params": count_parameters(cell["model"]), **{m: s[m] for m in METRICS},
+                     "n_failed": s["n_failed"],
+                     "train_seconds": round(sum(r["seconds"] for r in cell["ckpt"]["history"]), 1)})
+        rows, gains = write_tables(out, cfg, runs, reference_rows, len(test), round(time.perf_counter() - t0, 1),
+                                   lambdas, tuning_rows)
     seconds = round(time.perf_counter() - t0, 1)
-    md = (f"# Experiment: mean ± std over {ex['seeds']} seeds (test set, {len(test)} files)\n\n"
-          + markdown(rows, reference_rows)
-          + f"\nKD weights: {cfg['lambda']}. Wall time of this invocation: {seconds:.0f} s.\n")
-    write_text_atomic(out / "results.md", md)
-    write_text_atomic(out / "results.json", json.dumps({"rows": rows, "reference": reference_rows, "runs": runs,
-                                                    "seconds": seconds, "config": cfg}, indent=1))
+    rows, gains = write_tables(out, cfg, runs, reference_rows, len(test), seconds, lambdas, tuning_rows)
     plot_pesq_vs_size(rows, out / "pesq_vs_size.png", teacher_row, noisy["pesq"])
-    log(md)
-    return {"rows": rows, "runs": runs, "seconds": seconds}
+    log((out / "results.md").read_text())
+    return {"rows": rows, "gains": gains, "runs": runs, "seconds": seconds, "lambdas": lambdas}

@@ -85,7 +85,51 @@ def test_cosine_lib_matches_formula():
     assert sum(p.numel() for p in nobias.parameters()) == 2 * 15 * 15 + 12 * 2 * 15
 
 
-@pytest.mark.parametrize("method", ["fitnet_mse", "similarity_preserving", "cosine_lib"])
+def test_cosine_linear_matches_formula():
+    s, t = _latents(6)
+    kd = distill.make_kd_loss("cosine_linear", s.shape, t.shape, expansion=8)  # expansion: ignored, one linear map
+    params = list(kd.parameters())
+    assert sorted(tuple(p.shape) for p in params) == [(12,), (12, 15)]
+    w, b = kd.adapter.weight.detach().double(), kd.adapter.bias.detach().double()
+    dists = []
+    for xs, xt in zip(_frames64(s), _frames64(t)):
+        for row_s, row_t in zip(xs, xt):
+            p = w @ row_s + b
+            dists.append(1 - float(p @ row_t) / (max(float(p.norm()), 1e-8) * max(float(row_t.norm()), 1e-8)))
+    assert float(kd(s, t)) == pytest.approx(sum(dists) / len(dists), rel=1e-5)
+    assert sum(p.numel() for p in distill.make_kd_loss("cosine_linear", s.shape, t.shape, bias=False).parameters()) == 180
+
+
+@pytest.mark.parametrize("e", [1, 2, 4, 8])
+def test_mse_lib_matches_formula(e):
+    s, t = _latents(7)
+    kd = distill.make_kd_loss("mse_lib", s.shape, t.shape, expansion=e)
+    w1, b1, w2, b2 = _lib_weights(kd, CS * FS, CT * FT, e)
+    total, count = 0.0, 0
+    for xs, xt in zip(_frames64(s), _frames64(t)):
+        for row_s, row_t in zip(xs, xt):
+            p = w2 @ (w1 @ row_s + b1) + b2
+            total += float(((p - row_t) ** 2).sum())
+            count += row_t.numel()
+    assert float(kd(s, t)) == pytest.approx(total / count, rel=1e-5)
+    with pytest.raises(ValueError, match=r"teacher_latent: expected C\*F = 12"):
+        kd(s, t[:, :2])
+
+
+@pytest.mark.parametrize("e", [1, 2, 8])
+def test_cosine_lib_expansion_is_the_hidden_width(e):
+    s, t = _latents(8)
+    kd = distill.make_kd_loss("cosine_lib", s.shape, t.shape, expansion=e)
+    w1, b1, w2, b2 = _lib_weights(kd, CS * FS, CT * FT, e)
+    assert w1.shape == (e * 15, 15) and w2.shape == (12, e * 15)
+
+
+def test_existing_method_names_still_work():
+    assert distill.METHODS[:4] == ("none", "fitnet_mse", "similarity_preserving", "cosine_lib")
+    assert set(distill.LIB_METHODS) == {"cosine_lib", "mse_lib"}
+
+
+@pytest.mark.parametrize("method", ["fitnet_mse", "similarity_preserving", "cosine_lib", "cosine_linear", "mse_lib"])
 def test_kd_gradient_reaches_student_only(method):
     s, t = _latents(4)
     s.requires_grad_(True)
