@@ -138,9 +138,10 @@ def method_means(rows: list[dict], methods) -> str:
 # --- the demo --------------------------------------------------------------------------------------
 def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, seeds: int = DEMO_SEEDS,
              corpus_kwargs: dict | None = None, teacher_overrides: dict | None = None,
-             student_overrides: dict | None = None) -> dict:
+             student_overrides: dict | None = None, real_speech: bool = True) -> dict:
     """Runs the whole demo (see the module docstring); returns the results dict. ``corpus_kwargs``,
-    ``teacher_overrides``, ``student_overrides`` (training-config sections) shrink it for tests."""
+    ``teacher_overrides``, ``student_overrides`` (training-config sections) shrink it for tests;
+    ``real_speech=False`` skips the real-speech tables."""
     from . import data, synth, training
 
     t_start = time.perf_counter()
@@ -195,6 +196,10 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
                              out / "training_curves.png")
 
     stage("figures", figures)
+    # Real human speech (issue 10): the teacher and the seed-0 students (the budget allows one seed).
+    real_checkpoints = {k: v for k, v in checkpoints.items() if k == "teacher" or k.endswith(" seed0")}
+    real = stage("evaluate on real speech", lambda: realspeech_report(
+        real_checkpoints, out, workers=workers, progress=progress, log=log)) if real_speech else None
     wall = round(time.perf_counter() - t_start, 1)
     gains = seed_paired_gains(work / "eval", DEMO_METHODS, seed_list)
     budget = demo_student_config("none", 0, teacher_ckpt)
@@ -207,7 +212,8 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
              + "\nA CI that contains 0 means this demo cannot tell the method from no KD. "
              + f"Wall time {wall:.0f} s (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ").")
     extra = {"notes": notes, "wall_seconds": wall, "stage_seconds": timings, "torch_threads": torch.get_num_threads(),
-             "teacher_config": teacher_cfg, "student_config": budget, "seeds": seeds, "pesq_gains": gains}
+             "teacher_config": teacher_cfg, "student_config": budget, "seeds": seeds, "pesq_gains": gains,
+             "realspeech": real}
     write_results(out, rows, extra)
     log("\n" + text_table(rows) + "\n\n" + notes)
     log(f"report written to {out}/ (results.md/.csv/.json, spectrograms.png, training_curves.png)")
