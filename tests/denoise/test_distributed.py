@@ -51,7 +51,11 @@ def test_two_gloo_ranks_match_one_process_with_the_combined_batch(setup):
     for part in ("model", "kd"):  # the student AND the LIB of the KD loss
         assert single[part].keys() == ddp[part].keys()
         for k in single[part]:
-            torch.testing.assert_close(ddp[part][k], single[part][k], atol=2e-5, rtol=1e-4, msg=f"{part}.{k}")
+            # The folded LIB gradients (dW1 = W2^T dW, ...) round differently when each rank sums half
+            # the rows; AdamW turns that rounding of near-zero gradient entries into differences of a few
+            # 1e-5 after 8 steps (a sharding or share-weighting error gives the size of a step, ~1e-3).
+            atol = 1e-4 if part == "kd" else 2e-5
+            torch.testing.assert_close(ddp[part][k], single[part][k], atol=atol, rtol=1e-4, msg=f"{part}.{k}")
     for a, b in zip(single["history"], ddp["history"]):  # logged losses are global means
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and abs(a["valid_loss"] - b["valid_loss"]) < 1e-5
 
