@@ -12,25 +12,8 @@ from pycosdist.denoise import config, distill, training
 from pycosdist.denoise.data import load_corpus
 from pycosdist.denoise.models import HOP, UNetConfig, UNetDenoiser
 from pycosdist.denoise.synth import synthesize_corpus
-from run_helpers import Interrupt, stop_after, strip_seconds
+from run_helpers import TINY, Interrupt, corpus, stop_after, strip_seconds, teacher_ckpt  # noqa: F401 (fixtures)
 
-TINY = ["model.channels=[4, 8]", "model.kernel_size=[3, 3]", "model.bottleneck_layers=1",
-        "data.segment_seconds=0.5", "data.valid_speakers=1", "train.batch_size=2", "train.threads=1",
-        "train.warmup_steps=1"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthesize_corpus(tmp_path_factory.mktemp("corpus"), n_train_speakers=3, n_test_speakers=1,
-                             utts_per_speaker=3, test_utts_per_speaker=2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = config.load_config(overrides=TINY + ["train.epochs=1", "model.channels=[6, 8]"])
-    training.train(cfg, corpus, out, progress=False, log=lambda *_: None)
-    return out / "best.pt"
 
 
 # --- config -----------------------------------------------------------------------------------------
