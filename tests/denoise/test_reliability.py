@@ -33,7 +33,10 @@ def cli(*args, block=()) -> tuple[int, str]:
     argv = [str(a) for a in args]
     cmd = ([sys.executable, "-c", BLOCKING_MAIN, ",".join(block), *argv] if block
            else [sys.executable, "-m", "pycosdist", *argv])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    # cwd: the imported package's parent, so `-m pycosdist` cannot pick up the source tree's copy
+    # (which has no built extension when the tests run against the installed package).
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(pycosdist.__file__).parents[1])
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output, output
     return proc.returncode, output
