@@ -154,7 +154,7 @@ class LatentDistiller(nn.Module):
             self.student.eval()  # a probe must not update BatchNorm statistics
             try:
                 with torch.no_grad():
-                    s, t = self._latents((example_input,) if isinstance(example_input, Tensor) else
+                    _, s, t = self._latents((example_input,) if isinstance(example_input, Tensor) else
                                          tuple(example_input), {}, None)
             finally:
                 self.student.train(was_training)
@@ -181,9 +181,9 @@ class LatentDistiller(nn.Module):
         return self.teacher_tap.pop()
 
     def _latents(self, inputs: tuple, kwargs: dict, teacher_latent: Tensor | None):
-        """(student latent, teacher latent), after running the models; keeps the student's output."""
+        """(student output, student latent, teacher latent), after running the models."""
         t = self.teacher_latent(*inputs, **kwargs) if teacher_latent is None else teacher_latent
-        self._student_output = self._forwards[0](*inputs, **kwargs)
+        output = self._forwards[0](*inputs, **kwargs)
         s = self.student_tap.pop()
         s_frames = frame_axes(s, self.layout, f"student_layer {self.student_tap.name!r}")
         t_frames = frame_axes(t, self.teacher_layout, f"teacher_layer {self.teacher_tap.name!r}")
@@ -192,7 +192,7 @@ class LatentDistiller(nn.Module):
                              f"({self.layout}: frames {list(s_frames)}), teacher_layer {self.teacher_tap.name!r} "
                              f"gives {list(t.shape)} ({self.teacher_layout}: frames {list(t_frames)}); the alignment "
                              "pairs frames one to one, so batch size and frame count must agree")
-        return s, t
+        return output, s, t
 
     def align(self, student_latent: Tensor, teacher_latent: Tensor) -> Tensor:
         """The loss between captured latents (float32 for half latents, outside autocast)."""
@@ -205,8 +205,7 @@ class LatentDistiller(nn.Module):
     def forward(self, *inputs, teacher_latent: Tensor | None = None, **kwargs):
         """Runs the teacher (unless ``teacher_latent`` is given, e.g. from a cache) and the student on
         ``inputs``; returns ``(student output, KD loss)``."""
-        s, t = self._latents(inputs, kwargs, teacher_latent)
-        output, self._student_output = self._student_output, None
+        output, s, t = self._latents(inputs, kwargs, teacher_latent)
         return output, self.align(s, t.detach())
 
     def remove_hooks(self) -> None:
