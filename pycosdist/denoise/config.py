@@ -23,6 +23,7 @@ DEFAULTS: dict[str, dict] = {
         "kernel_size": [],  # [freq, time]; [] = the preset's
         "bottleneck_layers": 0,  # 0 = the preset's
         "norm": "",  # "batch" | "group"; "" = the preset's (batch). "group" for exact CPU DDP (see models)
+        "mask_floor": 0.0,  # lowest mask value (gain floor, 0.1 = -20 dB); 0 = the preset's (none)
     },
     "data": {
         "segment_seconds": 2.0,  # training crop (rounded to a multiple of the 128-sample hop)
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, dict] = {
     },
     "loss": {
         "wave_weight": 10.0,  # task loss = L1(|Y|^0.3, |S|^0.3) + wave_weight * L1(y, s)
+        "sisdr_weight": 0.0,  # ... + sisdr_weight * (-SI-SDR(y, s) in dB)
     },
     "kd": {
         "method": "none",  # none | fitnet_mse | similarity_preserving | cosine_lib
@@ -96,6 +98,7 @@ CHECKS: dict[str, Check] = {
     "model.kernel_size": int_list((2,)),
     "model.bottleneck_layers": at_least(0),
     "model.norm": one_of("", "batch", "group"),
+    "model.mask_floor": ((lambda v: _finite(v) and 0 <= v < 1), "in [0, 1)"),
     "data.segment_seconds": above(0),
     "data.valid_speakers": at_least(1),
     "train.epochs": at_least(1),
@@ -113,6 +116,7 @@ CHECKS: dict[str, Check] = {
     "train.device": ((lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())),
                      "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     "loss.wave_weight": at_least(0),
+    "loss.sisdr_weight": at_least(0),
     "kd.lambda": at_least(0),
     "kd.expansion": at_least(1),
     "kd.eps": at_least(0),

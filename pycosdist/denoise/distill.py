@@ -172,13 +172,31 @@ def teacher_latent(teacher: UNetDenoiser, noisy: Tensor) -> Tensor:
     return teacher.latent(noisy.to(next(teacher.parameters()).device))
 
 
-def task_loss(enhanced_spec: Tensor, enhanced: Tensor, clean: Tensor, stft, wave_weight: float = 10.0) -> Tensor:
+def neg_si_sdr(enhanced: Tensor, clean: Tensor, eps: float = 1e-8) -> Tensor:
+    """Mean over the batch of minus the scale-invariant SDR in dB of ``enhanced`` (B, n) against
+    ``clean`` (B, n), both made zero-mean (Le Roux et al., 2019). ``eps`` keeps an all-silent crop
+    finite: there the term only pushes the output towards silence."""
+    y = enhanced - enhanced.mean(-1, keepdim=True)
+    s = clean - clean.mean(-1, keepdim=True)
+    target = (y * s).sum(-1, keepdim=True) / ((s * s).sum(-1, keepdim=True) + eps) * s
+    ratio = ((target * target).sum(-1) + eps) / (((y - target) ** 2).sum(-1) + eps)
+    return -(10.0 * torch.log10(ratio)).mean()
+
+
+def task_loss(enhanced_spec: Tensor, enhanced: Tensor, clean: Tensor, stft, wave_weight: float = 10.0,
+              sisdr_weight: float = 0.0) -> Tensor:
     """Task (reconstruction) loss of the student against the clean target.
 
     L1 between compressed magnitudes |Y|^0.3 and |S|^0.3 (enhanced_spec (B, F, T) complex vs the
     clean STFT), which weighs quiet time-frequency regions like a perceptual loudness curve, plus
     ``wave_weight`` x the L1 between waveforms (enhanced (B, n) vs clean (B, n)), which sees the
-    overlap-add of the masked frames (what is actually heard) and so keeps the mask STFT-consistent.
+    overlap-add of the masked frames (what is actually heard) and so keeps the mask STFT-consistent,
+    plus ``sisdr_weight`` x minus the SI-SDR in dB (:func:`neg_si_sdr`): a loss on the whole
+    utterance's waveform error relative to its energy, so quiet speech that a mask attenuates costs
+    as much as loud speech (what intelligibility measures such as STOI look at).
     """
     mag = F.l1_loss(compress(enhanced_spec.abs()), compress(stft(clean).abs()))
-    return mag + wave_weight * F.l1_loss(enhanced, clean)
+    loss = mag + wave_weight * F.l1_loss(enhanced, clean)
+    if sisdr_weight:
+        loss = loss + sisdr_weight * neg_si_sdr(enhanced, clean)
+    return loss

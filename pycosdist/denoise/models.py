@@ -37,6 +37,9 @@ class UNetConfig:
     norm: "batch" (BatchNorm2d) or "group" (GroupNorm with one group: per-example statistics, so a
       run split over DistributedDataParallel ranks on CPU, where SyncBatchNorm is unavailable, is
       exactly the single-process run with the combined batch).
+    mask_floor: the lowest gain the mask can apply (mask = floor + (1 - floor) * sigmoid); a floor
+      bounds how deep a mistaken mask can cut into speech the model does not recognize, which
+      protects intelligibility on voices unlike the training ones (0: no floor).
     """
 
     channels: tuple[int, ...] = (16, 32, 48, 64)
@@ -44,6 +47,7 @@ class UNetConfig:
     bottleneck_layers: int = 2
     bottleneck_channels: int = 0
     norm: str = "batch"
+    mask_floor: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -56,6 +60,8 @@ class UNetConfig:
             raise ValueError(f"bottleneck_layers: expected >= 1, got {self.bottleneck_layers}")
         if self.norm not in NORMS:
             raise ValueError(f"norm: expected one of {list(NORMS)}, got {self.norm!r}")
+        if not 0.0 <= self.mask_floor < 1.0:
+            raise ValueError(f"mask_floor: expected a gain in [0, 1), got {self.mask_floor}")
         if self.bottleneck_channels < 0:
             raise ValueError(f"bottleneck_channels: expected >= 0, got {self.bottleneck_channels}")
 
@@ -187,13 +193,16 @@ class UNetDenoiser(nn.Module):
 
     def mask_and_latent(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """The network between the STFT and the iSTFT: ``features`` (B, 1, F, T) compressed noisy
-        magnitude -> ``(mask (B, F, T) in [0, 1], latent (B, C, F', T))``."""
+        magnitude -> ``(mask (B, F, T) in [mask_floor, 1], latent (B, C, F', T))``."""
         lat, skips = self._encode(features)
         y = lat
         sizes = [features.shape[-2:]] + [s.shape[-2:] for s in skips[:-1]]
         for up, skip, size in zip(self.decoder, reversed(skips), reversed(sizes)):
             y = up(torch.cat([y, skip], 1), size)
-        return torch.sigmoid(self.head(y)).squeeze(1), lat
+        mask = torch.sigmoid(self.head(y)).squeeze(1)
+        if self.config.mask_floor:
+            mask = self.config.mask_floor + (1.0 - self.config.mask_floor) * mask
+        return mask, lat
 
     def enhance_with_latent(self, noisy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns ``(enhanced (B, n), latent (B, C, F', T), enhanced_spec (B, F, T) complex)``."""

@@ -324,6 +324,8 @@ def model_config(cfg: dict) -> UNetConfig:
         overrides["bottleneck_layers"] = m["bottleneck_layers"]
     if m["norm"]:
         overrides["norm"] = m["norm"]
+    if m["mask_floor"]:
+        overrides["mask_floor"] = m["mask_floor"]
     return preset(m["preset"], **overrides)
 
 
@@ -438,7 +440,7 @@ def validate(model: UNetDenoiser, dataset, cfg: dict, out_dir: Path, epoch: int)
         noisy, clean = dataset[i]
         enhanced, _, spec = model.enhance_with_latent(noisy[None].to(device))
         losses.append(float(distill.task_loss(spec, enhanced, clean[None].to(device), model.stft,
-                                              cfg["loss"]["wave_weight"])))
+                                              **cfg["loss"])))
     out = {"valid_loss": float(np.mean(losses)) if losses else float("nan")}
     if cfg["train"]["valid_metric"] == "pesq":
         from . import evaluation
@@ -631,7 +633,7 @@ class Run:
     def compute_loss(self, noisy: Tensor, clean: Tensor, t_lat: Tensor | None) -> dict[str, Tensor]:
         with self.autocast():  # the KD term itself is float32 (LatentDistiller.align)
             enhanced, spec, kd_value = self.step_module(noisy, t_lat)
-            task = distill.task_loss(spec, enhanced, clean, self.model.stft, self.cfg["loss"]["wave_weight"])
+            task = distill.task_loss(spec, enhanced, clean, self.model.stft, **self.cfg["loss"])
         loss = task + self.kc["lambda"] * kd_value if self.kd is not None else task
         return {"loss": loss, "task": task, "kd": kd_value}
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,23 @@ def test_task_loss_formula():
     got = distill.task_loss(spec, enhanced, clean, model.stft, wave_weight=3.0)
     assert float(got) == pytest.approx(float(mag + 3.0 * wave), rel=1e-5)
     assert torch.equal(compress(torch.zeros(1)), torch.full((1,), 1e-8) ** 0.3)
+    with_sisdr = distill.task_loss(spec, enhanced, clean, model.stft, wave_weight=3.0, sisdr_weight=0.5)
+    assert float(with_sisdr - got) == pytest.approx(0.5 * float(distill.neg_si_sdr(enhanced, clean)), rel=1e-5)
+
+
+def _si_sdr_db_float64(y, s):  # independent reference: numpy, float64, one utterance
+    y, s = y - y.mean(), s - s.mean()
+    target = np.dot(y, s) / np.dot(s, s) * s
+    return 10 * np.log10(np.dot(target, target) / np.dot(y - target, y - target))
+
+
+def test_neg_si_sdr_matches_the_definition_and_is_scale_invariant():
+    torch.manual_seed(2)
+    clean = torch.randn(3, 4000)
+    enhanced = clean + 0.3 * torch.randn(3, 4000) + 0.5  # an offset: SI-SDR removes the mean
+    want = -np.mean([_si_sdr_db_float64(e.double().numpy(), c.double().numpy()) for e, c in zip(enhanced, clean)])
+    assert float(distill.neg_si_sdr(enhanced, clean)) == pytest.approx(want, abs=1e-3)
+    assert float(distill.neg_si_sdr(4.0 * enhanced, clean)) == pytest.approx(want, abs=1e-3)
+    silent = distill.neg_si_sdr(torch.randn(1, 4000, requires_grad=True), torch.zeros(1, 4000))
+    silent.backward()  # an all-silent crop stays finite
+    assert torch.isfinite(silent)

@@ -1,5 +1,7 @@
 """U-Net denoisers: shapes, frequency-only downsampling, bounded mask, presets, parameter/MAC counts."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -53,6 +55,27 @@ def test_mask_is_bounded_and_keeps_noisy_phase():
     ratio = spec / noisy  # the mask, a real number in [0, 1] per bin
     assert ratio.imag.abs().max() < 1e-4
     assert ratio.real.min() >= 0 and ratio.real.max() <= 1 + 1e-5
+
+
+def test_mask_floor_bounds_the_gain_from_below():
+    torch.manual_seed(1)
+    plain = UNetDenoiser(TINY)
+    floored = UNetDenoiser(replace(TINY, mask_floor=0.25))
+    floored.load_state_dict(plain.state_dict())  # the floor adds no parameters
+    x = torch.randn(2, 8000)
+    features = plain._features(x)[1]
+    m0, m1 = plain.mask_and_latent(features)[0], floored.mask_and_latent(features)[0]
+    torch.testing.assert_close(m1, 0.25 + 0.75 * m0)
+    assert m1.min() >= 0.25 and m1.max() <= 1
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"mask_floor: expected a gain in \[0, 1\)"):
+            replace(TINY, mask_floor=bad)
+
+
+def test_checkpoint_configs_without_mask_floor_still_build():
+    old = TINY.to_dict()
+    del old["mask_floor"]  # a 0.2 checkpoint's model_config
+    assert build_model(old).config.mask_floor == 0.0
 
 
 def test_presets_mismatch_scenarios():

@@ -271,6 +271,9 @@ def test_evaluate_exits_1_when_every_file_of_a_model_failed(models, corpus, tmp_
     ("model.channels=[8, 0]", "model.channels: expected [] (the preset's) or a list of positive integers, got [8, 0]"),
     ("model.kernel_size=[3]", "model.kernel_size: expected [] (the preset's) or a list of 2 positive integers, got [3]"),
     ("model.norm=layer", "model.norm: expected one of ['', 'batch', 'group'], got 'layer'"),
+    ("model.mask_floor=1", "model.mask_floor: expected a finite number in [0, 1), got 1.0"),
+    ("model.mask_floor=-0.1", "model.mask_floor: expected a finite number in [0, 1), got -0.1"),
+    ("loss.sisdr_weight=-1", "loss.sisdr_weight: expected a finite number >= 0, got -1.0"),
 ])
 def test_config_values_that_cannot_work_are_rejected_when_loaded(override, expected, tmp_path):
     with pytest.raises(ValueError) as info:
