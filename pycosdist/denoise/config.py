@@ -48,7 +48,6 @@ DEFAULTS: dict[str, dict] = {
     "loss": {
         "wave_weight": 10.0,  # task loss = L1(|Y|^0.3, |S|^0.3) + wave_weight * L1(y, s)
         "sisdr_weight": 0.0,  # ... + sisdr_weight * (-SI-SDR(y, s) in dB)
-        "speech_loss_weight": 0.0,  # ... + speech_loss_weight * mean(relu(|S|^0.3 - |Y|^0.3)) (removed speech)
     },
     "kd": {
         "method": "none",  # none | fitnet_mse | similarity_preserving | cosine_lib
@@ -118,7 +117,6 @@ CHECKS: dict[str, Check] = {
                      "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     "loss.wave_weight": at_least(0),
     "loss.sisdr_weight": at_least(0),
-    "loss.speech_loss_weight": at_least(0),
     "kd.lambda": at_least(0),
     "kd.expansion": at_least(1),
     "kd.eps": at_least(0),

@@ -184,7 +184,7 @@ def neg_si_sdr(enhanced: Tensor, clean: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def task_loss(enhanced_spec: Tensor, enhanced: Tensor, clean: Tensor, stft, wave_weight: float = 10.0,
-              sisdr_weight: float = 0.0, speech_loss_weight: float = 0.0) -> Tensor:
+              sisdr_weight: float = 0.0) -> Tensor:
     """Task (reconstruction) loss of the student against the clean target.
 
     L1 between compressed magnitudes |Y|^0.3 and |S|^0.3 (enhanced_spec (B, F, T) complex vs the
@@ -193,16 +193,10 @@ def task_loss(enhanced_spec: Tensor, enhanced: Tensor, clean: Tensor, stft, wave
     overlap-add of the masked frames (what is actually heard) and so keeps the mask STFT-consistent,
     plus ``sisdr_weight`` x minus the SI-SDR in dB (:func:`neg_si_sdr`): a loss on the whole
     utterance's waveform error relative to its energy, so quiet speech that a mask attenuates costs
-    as much as loud speech (what intelligibility measures such as STOI look at), plus
-    ``speech_loss_weight`` x the mean compressed magnitude the output LACKS (relu(|S|^0.3 - |Y|^0.3)):
-    an asymmetric term that makes removing speech cost more than keeping noise.
+    as much as loud speech (what intelligibility measures such as STOI look at).
     """
-    target = compress(stft(clean).abs())
-    estimate = compress(enhanced_spec.abs())
-    mag = F.l1_loss(estimate, target)
+    mag = F.l1_loss(compress(enhanced_spec.abs()), compress(stft(clean).abs()))
     loss = mag + wave_weight * F.l1_loss(enhanced, clean)
-    if speech_loss_weight:
-        loss = loss + speech_loss_weight * F.relu(target - estimate).mean()
     if sisdr_weight:
         loss = loss + sisdr_weight * neg_si_sdr(enhanced, clean)
     return loss
