@@ -214,3 +214,17 @@ def test_plot_spectrograms_writes_one_png_per_row(tmp_path):
     paths = report.plot_spectrograms(waves, tmp_path, title="t")
     assert [p.name for p in paths] == ["spectrograms.png", "spec_noisy_input.png", "spec_clean.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_method_gain_rows_summarize_each_methods_seeds(built, tmp_path):
+    from pycosdist.denoise import demo
+
+    dataset = data.load_corpus(built / "stationary").test
+    rows = report.evaluate_checkpoints({}, dataset, tmp_path, workers=0, with_baseline=False)
+    for seed, gain in ((0, 0.5), (1, 0.9)):  # two "seeds" of one method: scaled inputs
+        row = report.enhancer_row(f"student m seed{seed}", lambda x, g=gain: g * x, dataset, tmp_path, workers=0)
+        rows.append({**row, "method": "m"})
+    (summary,) = demo.method_gain_rows(rows, tmp_path, ["m"])
+    per_seed = [report.paired_gain(tmp_path, "noisy", f"student m seed{k}", "stoi")[0] for k in (0, 1)]
+    assert summary["seeds"] == 2 and summary["pesq_vs_gating"] is None  # no gating row scored
+    assert summary["stoi_vs_noisy"] == f"{np.mean(per_seed):+.3f} ({min(per_seed):+.3f} .. {max(per_seed):+.3f})"
