@@ -1,0 +1,33 @@
+# The variants of valid_search.md, in the order they ran (P = the venv python, PYTHONPATH = the repo).
+$P noisy_eval.py
+$P explore.py base '{}' 0
+$P explore.py floor10 '{"model":{"mask_floor":0.1}}' 0
+$P explore.py sisdr02 '{"loss":{"sisdr_weight":0.02}}' 0
+$P explore.py floor10_sisdr02 '{"model":{"mask_floor":0.1},"loss":{"sisdr_weight":0.02}}' 0
+$P explore.py floor20 '{"model":{"mask_floor":0.2}}' 0
+$P explore.py sisdr05 '{"loss":{"sisdr_weight":0.05}}' 0
+$P explore.py base '{}' 1
+$P explore.py sisdr02 '{"loss":{"sisdr_weight":0.02}}' 1
+$P explore.py floor10_sisdr02 '{"model":{"mask_floor":0.1},"loss":{"sisdr_weight":0.02}}' 1
+$P explore.py floor05_sisdr02 '{"model":{"mask_floor":0.05},"loss":{"sisdr_weight":0.02}}' 0
+$P explore.py sisdr01 '{"loss":{"sisdr_weight":0.01}}' 0
+$P explore.py e6_sisdr02 '{"loss":{"sisdr_weight":0.02},"train":{"epochs":6,"valid_metric":"loss"}}' 0
+$P explore.py e6_sisdr02 '{"loss":{"sisdr_weight":0.02},"train":{"epochs":6,"valid_metric":"loss"}}' 1
+$P explore.py e6_floor10_sisdr02 '{"model":{"mask_floor":0.1},"loss":{"sisdr_weight":0.02},"train":{"epochs":6,"valid_metric":"loss"}}' 0
+$P explore.py e6_floor10_sisdr02 '{"model":{"mask_floor":0.1},"loss":{"sisdr_weight":0.02},"train":{"epochs":6,"valid_metric":"loss"}}' 1
+$P explore.py e6_base '{"train":{"epochs":6,"valid_metric":"loss"}}' 0
+$P explore.py e6_floor05_sisdr02 '{"model":{"mask_floor":0.05},"loss":{"sisdr_weight":0.02},"train":{"epochs":6,"valid_metric":"loss"}}' 0
+$P explore.py e6_floor05_sisdr02 '{"model":{"mask_floor":0.05},"loss":{"sisdr_weight":0.02},"train":{"epochs":6,"valid_metric":"loss"}}' 1
+$P explore.py e6_base '{"train":{"epochs":6,"valid_metric":"loss"}}' 1
+B='"loss":{"sisdr_weight":0.02},"train":{"valid_metric":"loss"}'
+$P explore.py sisdr02_vl "{$B}" 2
+for s in 0 1 2; do $P explore.py remix_sisdr02_vl "{$B,\"data\":{\"remix\":true}}" $s; done
+for s in 0 1 2; do $P explore.py half_sisdr02_vl "{$B,\"model\":{\"preset\":\"student_half\"}}" $s; done
+B='"loss":{"sisdr_weight":0.02},"train":{"valid_metric":"loss"}'
+for s in 0 1 2; do $P explore.py seg2_sisdr02_vl "{$B,\"data\":{\"segment_seconds\":2.0}}" $s; done
+for s in 0 1 2; do $P explore.py floor15_sisdr02_vl "{$B,\"model\":{\"mask_floor\":0.15}}" $s; done
+for s in 0 1; do
+$P explore.py sp1_sisdr02 '{"loss":{"sisdr_weight":0.02,"speech_loss_weight":1.0},"train":{"valid_metric":"loss"}}' $s
+$P explore.py sisdr02_vl '{"loss":{"sisdr_weight":0.02},"train":{"valid_metric":"loss"}}' $s
+$P explore.py sp1_floor05_sisdr02 '{"model":{"mask_floor":0.05},"loss":{"sisdr_weight":0.02,"speech_loss_weight":1.0},"train":{"valid_metric":"loss"}}' $s
+done
