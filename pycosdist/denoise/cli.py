@@ -154,12 +154,12 @@ def cmd_evaluate(args) -> int:
         while label in labels:
             label += "_"
         labels[label] = path
-    for path in labels.values():  # every checkpoint readable and consistent before anything is scored
-        load_model(path)
+    # Every checkpoint is read and checked before anything is scored; the loaded models are scored.
+    loaded = {label: load_model(path) for label, path in labels.items()}
     corpus = data.load_corpus(args.data)
     dataset = corpus.test if args.split == "test" else corpus.valid
     writable_folder(args.out, "--out")
-    rows = report.evaluate_checkpoints(labels, dataset, args.out, workers=args.workers, progress=True,
+    rows = report.evaluate_checkpoints(loaded, dataset, args.out, workers=args.workers, progress=True,
                                        device=device)
     report.write_results(args.out, rows, {"data": str(args.data), "split": args.split,
                                           "checkpoints": {k: str(v) for k, v in labels.items()}})

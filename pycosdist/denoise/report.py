@@ -82,9 +82,10 @@ def baseline_rows(dataset, out_dir, workers: int = 2, progress: bool = False) ->
 
 def evaluate_checkpoints(checkpoints: dict, dataset, out_dir, workers: int = 2, with_noisy: bool = True,
                          progress: bool = False, with_baseline: bool = True, device="cpu") -> list[dict]:
-    """One row per ``{label: checkpoint path}`` (and first the noisy input, then the non-learned
-    spectral-gating baseline): params, MACs, mean PESQ / STOI / SI-SDR over ``dataset`` (per-file
-    scores in ``out_dir``); the models run on ``device``."""
+    """One row per ``{label: checkpoint path, or the (model, checkpoint dict) that
+    :func:`pycosdist.denoise.training.load_model` returned}`` (and first the noisy input, then the
+    non-learned spectral-gating baseline): params, MACs, mean PESQ / STOI / SI-SDR over ``dataset``
+    (per-file scores in ``out_dir``); the models run on ``device``."""
     from . import evaluation
     from .models import count_macs, count_parameters
     from .training import load_model
@@ -96,8 +97,8 @@ def evaluate_checkpoints(checkpoints: dict, dataset, out_dir, workers: int = 2, 
                      **{m: s[m] for m in METRICS}, "n_ok": s["n_ok"], "n_failed": s["n_failed"]})
     if with_baseline:
         rows += baseline_rows(dataset, out_dir, workers=workers, progress=progress)
-    for label, path in checkpoints.items():
-        model, ckpt = load_model(path)
+    for label, source in checkpoints.items():
+        model, ckpt = source if isinstance(source, tuple) else load_model(source)
         model = model.to(device)
         s = evaluation.evaluate(lambda x: model(x[None].to(device))[0], dataset, out_dir, label.replace(" ", "_"),
                                 workers=workers, progress=progress)

@@ -40,12 +40,18 @@ def test_train_and_distill_outputs(runs):
     assert json.loads((runs / "student" / "history.json").read_text())[0]["train_kd"] > 0
 
 
-def test_evaluate_prints_noisy_row(runs, capsys):
+def test_evaluate_prints_noisy_row(runs, capsys, monkeypatch):
+    from pycosdist.denoise import training
+
+    reads = []
+    real_load = training.load_model
+    monkeypatch.setattr(training, "load_model", lambda path: reads.append(path) or real_load(path))
     out = runs / "eval"
     assert main(["evaluate", "--checkpoint", str(runs / "teacher" / "best.pt"), str(runs / "student" / "best.pt"),
                  "--data", str(runs / "corpus"), "--out", str(out), "--workers", "0"]) == 0
     text = capsys.readouterr().out
     assert "noisy input" in text and "teacher" in text and "student" in text
+    assert len(reads) == 2  # each checkpoint is read once: checked up front, then scored
     rows = json.loads((out / "results.json").read_text())["rows"]
     # The non-learned baseline row comes with the [train] extra's noisereduce (left out without it).
     gating = [SPECTRAL_GATING] if importlib.util.find_spec("noisereduce") else []
