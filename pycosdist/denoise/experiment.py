@@ -82,7 +82,8 @@ EXPERIMENT_DEFAULTS: dict[str, dict] = {
 }
 
 # The --small preset: on our 2-core CPU, corpus + teacher + 80 student runs (4 scenarios x 4 methods
-# x 5 seeds) + evaluation in ~42 min (3 seeds measured 26 min, 29 s per cell). 5 paired seeds resolve
+# x 5 seeds) + evaluation: 53 min measured with another experiment sharing the 2 cores (3 seeds
+# alone: 26 min, 29 s per cell). 5 paired seeds resolve
 # only large effects (CI half-width ~0.05 PESQ at a paired std of 0.04); the full preset is sized for 0.03.
 SMALL = {
     "experiment": {"seeds": 5},
