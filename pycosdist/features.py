@@ -155,7 +155,7 @@ class LatentDistiller(nn.Module):
             try:
                 with torch.no_grad():
                     _, s, t = self._latents((example_input,) if isinstance(example_input, Tensor) else
-                                         tuple(example_input), {}, None)
+                                            tuple(example_input), {}, None)
             finally:
                 self.student.train(was_training)
             student_dim = student_dim or frame_width(s, self.layout)

@@ -19,7 +19,6 @@ One seed decides nothing: a single run's gain flipped sign between two machines.
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import torch
 
 from . import config as config_mod
 from . import stats
-from .report import evaluate_checkpoints, plot_spectrograms, plot_training_curves, text_table, write_results
+from .report import (evaluate_checkpoints, gain_references, paired_gain, per_file_scores, plot_spectrograms,
+                     plot_training_curves, text_table, write_results)
 
 # The demo recipe (also in configs/teacher_demo.toml and configs/student_demo.toml; a test keeps
 # them equal). kd.lambda was chosen on the VALIDATION split only (best valid PESQ of cosine_lib
@@ -76,12 +76,6 @@ def _student_label(method: str, seed: int) -> str:
     return f"student {method} seed{seed}"
 
 
-def _per_file(eval_dir, label: str, metric: str) -> dict:
-    path = Path(eval_dir) / f"{label.replace(' ', '_')}_per_file.csv"
-    with open(path, newline="") as f:
-        return {r["name"]: float(r[metric]) for r in csv.DictReader(f) if not r["error"] and r[metric]}
-
-
 def seed_paired_gains(eval_dir, methods, seeds, baseline: str = "none", metric: str = "pesq",
                       confidence: float = 0.95) -> list[dict]:
     """For each method other than ``baseline``, its gain in ``metric`` over ``baseline`` from the
@@ -92,7 +86,7 @@ def seed_paired_gains(eval_dir, methods, seeds, baseline: str = "none", metric: 
     - over files: per file, (method - baseline) averaged over the seeds; summarized over the
       files (``files_*``).
     """
-    scores = {(m, k): _per_file(eval_dir, _student_label(m, k), metric) for m in methods for k in seeds}
+    scores = {(m, k): per_file_scores(eval_dir, _student_label(m, k), metric) for m in methods for k in seeds}
     out = []
     for method in methods:
         if method == baseline:
@@ -147,19 +141,12 @@ METHOD_GAIN_COLUMNS = ("method", "seeds", "pesq_vs_noisy", "stoi_vs_noisy", "pes
 def method_gain_rows(rows: list[dict], eval_dir, methods) -> list[dict]:
     """Per KD method: each seed's mean per-file gain (PESQ and STOI over the noisy input, PESQ over
     spectral gating), summarized as ``mean over seeds (worst .. best seed)``."""
-    from .evaluation import SPECTRAL_GATING
-    from .report import paired_gain
-
-    scored = {r["model"] for r in rows}
+    references = gain_references({r["model"] for r in rows})
     out = []
     for method in methods:
         labels = [r["model"] for r in rows if r.get("method") == method and r["model"].startswith("student ")]
-        row = {"method": method, "seeds": len(labels)}
-        for key, ref, metric in (("pesq_vs_noisy", "noisy", "pesq"), ("stoi_vs_noisy", "noisy", "stoi"),
-                                 ("pesq_vs_gating", SPECTRAL_GATING, "pesq")):
-            if ref == SPECTRAL_GATING and ref not in scored:
-                row[key] = None
-                continue
+        row = {"method": method, "seeds": len(labels), **dict.fromkeys(METHOD_GAIN_COLUMNS[2:])}
+        for key, ref, metric in references:
             gains = [g[0] for g in (paired_gain(eval_dir, ref, label, metric) for label in labels) if g]
             row[key] = f"{np.mean(gains):+.3f} ({min(gains):+.3f} .. {max(gains):+.3f})" if gains else None
         out.append(row)

@@ -110,36 +110,45 @@ def evaluate_checkpoints(checkpoints: dict, dataset, out_dir, workers: int = 2, 
 
 
 # --- figures ---------------------------------------------------------------------------------------
+def per_file_scores(eval_dir, label: str, metric: str = "pesq") -> dict[str, float]:
+    """``{file name: score}`` of ``metric`` from ``<label>_per_file.csv`` in ``eval_dir`` (spaces in
+    ``label`` become ``_``), leaving out the files that failed."""
+    path = Path(eval_dir) / f"{label.replace(' ', '_')}_per_file.csv"
+    with open(path, newline="") as f:
+        return {r["name"]: float(r[metric]) for r in csv.DictReader(f) if not r["error"] and r[metric]}
+
+
 def paired_gain(eval_dir, label_a: str, label_b: str, metric: str = "pesq") -> tuple[float, float, int] | None:
     """Mean and standard error of the per-file difference ``b - a`` of ``metric`` over the files
     both scored (from ``<label>_per_file.csv`` in ``eval_dir``), and their count; None if < 2."""
-    def load(label):
-        path = Path(eval_dir) / f"{label.replace(' ', '_')}_per_file.csv"
-        with open(path, newline="") as f:
-            return {r["name"]: float(r[metric]) for r in csv.DictReader(f) if not r["error"] and r[metric]}
-
-    a, b = load(label_a), load(label_b)
+    a, b = per_file_scores(eval_dir, label_a, metric), per_file_scores(eval_dir, label_b, metric)
     diffs = np.array([b[k] - a[k] for k in a if k in b])
     if len(diffs) < 2:
         return None
     return float(diffs.mean()), float(diffs.std(ddof=1) / np.sqrt(len(diffs))), len(diffs)
 
 
+def gain_references(scored_labels) -> list[tuple[str, str, str]]:
+    """``(column, reference label, metric)`` of the gains tables: PESQ and STOI over the noisy input,
+    and PESQ over the spectral-gating baseline when it is among ``scored_labels``."""
+    from .evaluation import SPECTRAL_GATING
+
+    refs = [("pesq_vs_noisy", "noisy", "pesq"), ("stoi_vs_noisy", "noisy", "stoi")]
+    return refs + ([("pesq_vs_gating", SPECTRAL_GATING, "pesq")] if SPECTRAL_GATING in scored_labels else [])
+
+
 def gain_rows(rows: list[dict], eval_dir) -> list[dict]:
     """Per model row (all but the noisy input): mean per-file PESQ and STOI gain over the noisy input
     and PESQ gain over the spectral-gating baseline (if it was scored), each with its paired
     standard error, from the per-file scores in ``eval_dir``."""
-    from .evaluation import SPECTRAL_GATING
-
     labels = [r["model"] for r in rows]
     out = []
     for label in labels:
         if label == "noisy input":
             continue
         row = {"model": label}
-        for key, ref, metric in (("pesq_vs_noisy", "noisy", "pesq"), ("stoi_vs_noisy", "noisy", "stoi"),
-                                 ("pesq_vs_gating", SPECTRAL_GATING, "pesq")):
-            if ref == SPECTRAL_GATING and (ref not in labels or label == ref):
+        for key, ref, metric in gain_references(labels):
+            if ref == label:  # the baseline against itself
                 continue
             g = paired_gain(eval_dir, ref, label, metric)
             row[key] = None if g is None else f"{g[0]:+.3f} ± {g[1]:.3f}"
