@@ -26,6 +26,11 @@ TORCH_LIBRARY(pycosdist, m) {
         "float grad_scale, bool student_grad, bool teacher_grad) "
         "-> (Tensor distance, Tensor grad_student, Tensor grad_teacher)");
 
+  // grad *= factor (one element, on grad's device), skipped when factor is exactly 1: the
+  // one-pass losses' backward scales their forward's gradients by the upstream scalar, which is
+  // 1 for loss.backward(). CUDA reads the factor on the device (no host synchronization).
+  m.def("scale_grad_(Tensor(a!) grad, Tensor factor) -> ()");
+
   // Linear inverted bottleneck p = W2 (W1 x + b1) + b2, no activation.
   //   input: (..., D_s); w1: (E, D_s); b1: (E) or None; w2: (D_t, E); b2: (D_t) or None
   //   output: (..., D_t); hidden: (..., E) (kept for the W2 gradient)

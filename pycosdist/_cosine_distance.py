@@ -3,12 +3,13 @@
 The native ops (csrc/cosine_distance/) return per-row distances in the opmath dtype (float32;
 float64 for float64 inputs); the reduction happens here. Two paths:
 
-* one pass ('mean' / 'sum' while an input needs a gradient): ``cosine_distance_forward_with_grad``
-  returns the distances and the gradients of the reduced loss from one read of student and
-  teacher; the backward only scales them by the upstream gradient (a 0-dim tensor, never read
-  back to the host on an accelerator).
-* two passes ('none', or nothing needs a gradient): ``cosine_distance_forward`` keeps 3 row stats,
-  ``cosine_distance_backward`` reads the inputs again (inference pays nothing for gradients).
+* one pass ('mean' / 'sum' while an input needs a gradient, in eager mode):
+  ``cosine_distance_forward_with_grad`` returns the distances and the gradients of the reduced
+  loss from one read of student and teacher; the backward only scales them by the upstream
+  gradient (``scale_grad_``: no pass at all when it is 1; never read back to the host on CUDA).
+* two passes ('none', nothing needs a gradient, or under torch.compile): ``cosine_distance_forward``
+  keeps 3 row stats, ``cosine_distance_backward`` reads the inputs again (inference pays nothing
+  for gradients).
 
 float16: the one-pass gradient is computed at the scale of 'sum' and 1/N is applied together with
 the upstream gradient, so a 'mean' gradient that a GradScaler factor brings back into range does
@@ -92,15 +93,22 @@ def _(student: Tensor, teacher: Tensor, dim: int, eps: float, grad_scale: float,
     return distance, _empty_grad(student, student_grad), _empty_grad(student, teacher_grad)
 
 
+@torch.library.register_fake("pycosdist::scale_grad_")
+def _(grad: Tensor, factor: Tensor) -> None:
+    torch._check(factor.numel() == 1, lambda: f"pycosdist: `factor` must have exactly one element, got shape "
+                 f"{list(factor.shape)}")
+
+
 def _reduce(distance: Tensor, reduction: str) -> Tensor:
     return distance if reduction == "none" else reference.reduce(distance, reduction)
 
 
 def _scale_in_place(grad: Tensor, factor: Tensor) -> Tensor:
-    """``grad *= factor`` (0-dim). A CPU factor is ordinary host memory (no device to synchronize
-    with): a factor of exactly 1, as from ``loss.backward()``, skips the pass over ``grad``.
-    On an accelerator the multiply always runs, asynchronously."""
-    if factor.device.type == "cpu" and type(factor) is torch.Tensor and factor.item() == 1.0:
+    """``grad *= factor`` (one element) by the ``scale_grad_`` op, which skips the pass over
+    ``grad`` when the factor is exactly 1, as from ``loss.backward()``: on the CPU by reading it,
+    on CUDA in the kernel (no host synchronization). Other devices multiply."""
+    if grad.device.type in ("cpu", "cuda") and type(factor) is torch.Tensor and type(grad) is torch.Tensor:
+        _ops.scale_grad_(grad, factor)
         return grad
     return grad.mul_(factor)
 
@@ -121,9 +129,9 @@ def _differentiable_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | No
 class _CosineDistanceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, dim: int, eps: float, reduction: str, student_grad: bool,
-                teacher_grad: bool) -> Tensor:
+                teacher_grad: bool, one_pass_ok: bool) -> Tensor:
         ctx.dim, ctx.eps, ctx.reduction = dim, eps, reduction
-        ctx.one_pass = reduction != "none" and (student_grad or teacher_grad)
+        ctx.one_pass = one_pass_ok and reduction != "none" and (student_grad or teacher_grad)
         if ctx.one_pass:
             rows = math.prod(student.shape[:dim] + student.shape[dim:][1:])
             # 'mean': the gradients come out final (1/N applied here, so a unit upstream gradient needs
@@ -133,14 +141,10 @@ class _CosineDistanceLoss(torch.autograd.Function):
             ctx.late_scale = grad_scale / in_kernel
             distance, grad_s, grad_t = _ops.cosine_distance_forward_with_grad(
                 student, teacher, dim, eps, in_kernel, student_grad, teacher_grad)
-            if torch.compiler.is_compiling():
-                ctx.save_for_backward(student, teacher, grad_s, grad_t)
-                ctx.grads = None
-            else:
-                # Eager: each gradient is handed out once, scaled in place (no copy); a second
-                # backward through a retained graph recomputes them with the two-pass ops.
-                ctx.save_for_backward(student, teacher)
-                ctx.grads = [grad_s, grad_t]
+            # Each gradient is handed out once, scaled in place (no copy); a second backward
+            # through a retained graph recomputes them with the two-pass ops.
+            ctx.save_for_backward(student, teacher)
+            ctx.grads = [grad_s, grad_t]
         else:
             distance, row_stats = _ops.cosine_distance_forward(student, teacher, dim, eps)
             ctx.save_for_backward(student, teacher, row_stats)
@@ -149,7 +153,7 @@ class _CosineDistanceLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        none = (None,) * 5
+        none = (None,) * 6
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable itself
             return *_differentiable_grads(ctx, grad), *none
         need_s, need_t = ctx.needs_input_grad[:2]
@@ -161,9 +165,6 @@ class _CosineDistanceLoss(torch.autograd.Function):
                 ctx.grads = None
                 return (_scale_in_place(grad_s, factor) if need_s else None,
                         _scale_in_place(grad_t, factor) if need_t else None, *none)
-            if torch.compiler.is_compiling():
-                grad_s, grad_t = ctx.saved_tensors[2:]
-                return (grad_s * factor if need_s else None), (grad_t * factor if need_t else None), *none
             _, row_stats = _ops.cosine_distance_forward(student, teacher, ctx.dim, ctx.eps)
         else:
             row_stats = ctx.saved_tensors[2]
@@ -217,5 +218,7 @@ def cosine_distance_loss(student: Tensor, teacher: Tensor, dim: int = -1, eps: f
         raise ValueError(f"pycosdist: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
     student, teacher = _autocast_promote(student, teacher)
     grad_mode = torch.is_grad_enabled()
+    # Under torch.compile the two-pass ops run: the one-pass gradients live on the autograd ctx,
+    # which a traced graph does not keep (torch 2.11 returned zero gradients).
     return _CosineDistanceLoss.apply(student, teacher, dim, eps, reduction, grad_mode and student.requires_grad,
-                                     grad_mode and teacher.requires_grad)
+                                     grad_mode and teacher.requires_grad, not torch.compiler.is_compiling())

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 
 from . import _extension  # noqa: F401  (registers torch.ops.pycosdist)
+from ._cosine_distance import _scale_in_place
 from .reference import REDUCTIONS, frames
 
 _ops = torch.ops.pycosdist
 LAYOUTS = ("nd", "bcft")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -209,17 +209,20 @@ class _LibCosineDistanceLoss(torch.autograd.Function):
     def forward(ctx, student: Tensor, teacher: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                 b2: Tensor | None, eps: float, reduction: str, chunk_size: int, compute_grad: bool) -> Tensor:
         ctx.reduction, ctx.eps, ctx.chunk_size = reduction, eps, chunk_size
-        ctx.save_for_backward(student, teacher, w1, b1, w2, b2)  # references only: no copies
         ctx.grads = None
-        # 'none' needs per-row upstream grads; half types keep 1/N (and a GradScaler's factor) out of
-        # half buffers: both get the distances here and the gradients from the backward op.
-        if reduction == "none" or student.dtype in _HALF or not compute_grad:
+        # 'none' needs per-row upstream grads; float16 keeps 1/N (and a GradScaler's factor) out of
+        # float16 buffers: both get the distances here and the gradients from the backward op.
+        # (bfloat16 has float32's exponent range: it takes the one-pass path.)
+        ctx.one_pass = reduction != "none" and student.dtype != torch.float16 and compute_grad
+        if not ctx.one_pass:
             distance = _ops.lib_cosine_distance_forward(student, teacher, w1, b1, w2, b2, eps, chunk_size, 1.0,
                                                         False)[0]
+            ctx.save_for_backward(student, teacher, w1, b1, w2, b2)  # references only: no copies
         else:  # 'mean' / 'sum': the gradients of grad_scale * sum(distance) come with the forward.
             grad_scale = 1.0 / max(student.shape[0], 1) if reduction == "mean" else 1.0
             distance, *ctx.grads = _ops.lib_cosine_distance_forward(student, teacher, w1, b1, w2, b2, eps,
                                                                     chunk_size, grad_scale, True)
+            ctx.save_for_backward(student, teacher, w1, b1, w2, b2)  # references only: no copies
         loss = distance if reduction == "none" else distance.mean() if reduction == "mean" else distance.sum()
         return loss.to(student.dtype)
 
@@ -229,10 +232,10 @@ class _LibCosineDistanceLoss(torch.autograd.Function):
         with torch.no_grad(), _no_autocast(grad):
             if ctx.grads is not None:
                 # The forward's gradients of grad_scale * sum(distance), scaled in place by the upstream
-                # scalar (no second student-sized buffer) and handed over: a second backward
-                # (retain_graph=True) recomputes them below.
+                # scalar (no second student-sized buffer; no pass at all when it is 1) and handed over:
+                # a second backward (retain_graph=True) recomputes them below.
                 grads, ctx.grads = ctx.grads, None
-                grads = [g.mul_(grad) if needed else None for g, needed in zip(grads, need)]
+                grads = [_scale_in_place(g, grad) if needed else None for g, needed in zip(grads, need)]
             else:
                 student, teacher, w1, b1, w2, b2 = ctx.saved_tensors
                 n = student.shape[0]
@@ -348,7 +351,9 @@ def lib_cosine_distance_loss(student_latent: Tensor, teacher_latent: Tensor, w1:
     teacher = frames(teacher_latent.detach(), layout)   # (N, D_t)
     cast = _autocast_dtype(student.device.type, (student, teacher, w1, b1, w2, b2), loss=True)
     student, teacher, w1, b1, w2, b2 = _cast(cast, student, teacher, w1, b1, w2, b2)
-    compute_grad = torch.is_grad_enabled() and any(
+    # Under torch.compile the two-pass ops run: the one-pass gradients live on the autograd ctx,
+    # which a traced graph does not keep (torch 2.11 returned zero gradients).
+    compute_grad = torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
         x is not None and x.requires_grad for x in (student, w1, b1, w2, b2))
     with _no_autocast(student):
         return _LibCosineDistanceLoss.apply(student, teacher, w1, b1, w2, b2, float(eps), reduction, chunk_size or 0,

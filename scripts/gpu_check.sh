@@ -70,7 +70,7 @@ step build build.log build || die "the build failed (see $OUT/build.log); nothin
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 # ---- 2. memcheck on the hard cases ----
-MEMCHECK_K="large_rows or 100000x64 or 70000x2x3 or 70000x3 or misaligned or with_grad or odd_and_wide or many_rows"
+MEMCHECK_K="large_rows or 100000x64 or 70000x2x3 or 70000x3 or misaligned or with_grad or odd_and_wide or many_rows or scale_grad"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step memcheck memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \

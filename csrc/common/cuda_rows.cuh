@@ -191,11 +191,21 @@ __device__ __forceinline__ GradCoefs<A> cosine_grad_coefs(A g, const CosineRow<A
 
 // ---- host side: launch heuristics ----
 
+// The current device's SM count, asked of the driver once per device (launch heuristics run on
+// every call of every op).
 inline cudaError_t current_sm_count(int* count) {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};  // 0: not asked yet; a benign race writes the same value
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+  if (device < kMaxDevices && cached[device] > 0) {
+    *count = cached[device];
+    return cudaSuccess;
+  }
+  err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess && device < kMaxDevices) cached[device] = *count;
+  return err;
 }
 
 // Threads per row group (a power of two, 1 to kThreads): the smallest that gives every lane of

@@ -8,9 +8,13 @@
 //   dW += dp^T s_c, db += sum dp, ds_c = dp W    (two GEMMs)
 // and at the end the gradients are mapped back to the factors:
 //   dW1 = W2^T dW, dW2 = dW W1^T + db b1^T, db1 = W2^T db, db2 = db.
-// Half inputs: the chunk of the student is converted to float32 in a second buffer, so that p,
-// dL/dp (which carries 1/N for 'mean' and would flush to zero in float16) and every
-// accumulation stay in float32; only the outputs are rounded to the inputs' dtype.
+// bfloat16 inputs: the GEMMs run on bfloat16 tensor cores with float32 accumulation and a
+// float32 p (cuBLAS through at::mm's out_dtype): W is folded in float32 and rounded once, and
+// dL/dp is rounded to bfloat16 (float32's exponent range: nothing flushes) for the two
+// gradient GEMMs. float16 inputs: the student chunk is converted to float32 in a second buffer
+// and every GEMM runs in float32, because dL/dp carries 1/N for 'mean' and would flush to zero
+// in float16. Either way p, dL/dp's row math and every accumulation are float32; only the
+// outputs are rounded to the inputs' dtype.
 // Schemas and semantics: csrc/ops.cpp.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -50,11 +54,14 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
   const at::Tensor t = teacher.contiguous();  // (N, D_t)
   const auto opmath = at::toOpMathType(s.scalar_type());
   const auto acc = s.options().dtype(opmath);
-  const bool convert = opmath != s.scalar_type();  // half inputs: GEMMs in float32 on a converted chunk
+  const bool tensor_cores = s.scalar_type() == at::kBFloat16;       // bf16 GEMMs, float32 out
+  const bool convert = opmath != s.scalar_type() && !tensor_cores;  // float16: float32 GEMMs on a converted chunk
   const lib_fold::Folded f = lib_fold::fold(w1, b1, w2, b2, opmath);  // shared with the CPU op
+  const at::Tensor w = tensor_cores ? f.w.to(s.scalar_type()) : f.w;  // (D_t, D_s), the GEMMs' dtype
   const int64_t chunk = chunk_rows(n, d, chunk_size);
   at::Tensor p_buf = at::empty({chunk, d.d_t}, acc);                                // projection, then dL/dp
   at::Tensor x_buf = convert ? at::empty({chunk, d.d_s}, acc) : at::Tensor();       // student chunk, then dL/ds
+  at::Tensor dp_buf = tensor_cores && compute_grad ? at::empty({chunk, d.d_t}, s.options()) : at::Tensor();
   at::Tensor dw, db;
   Grads g;
   if (compute_grad) {
@@ -62,15 +69,22 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
     dw = at::zeros({d.d_t, d.d_s}, acc);             // dL/dW (D_t, D_s)
     if (b1 || b2) db = at::zeros({d.d_t}, acc);      // dL/db (D_t): needed for dW2 when b1 exists
   }
-  const at::Tensor wt = f.w.t();
+  const at::Tensor wt = w.t();
   const cudaStream_t stream = current_cuda_stream();
   const int64_t grad_stride = grad_rows.defined() ? grad_rows.stride(0) : 0;
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t c = std::min(chunk, n - r0);
     const at::Tensor s_c = s.narrow(0, r0, c);                            // (c, D_s)
-    at::Tensor x = convert ? x_buf.narrow(0, 0, c).copy_(s_c) : s_c;      // (c, D_s) opmath
+    at::Tensor x = convert ? x_buf.narrow(0, 0, c).copy_(s_c) : s_c;      // (c, D_s) in the GEMMs' dtype
     at::Tensor p = p_buf.narrow(0, 0, c);                                 // (c, D_t) opmath
-    if (f.b) at::addmm_out(p, *f.b, x, wt); else at::mm_out(p, x, wt);
+    if (tensor_cores) {
+      at::mm_out(p, x, wt, opmath);
+      if (f.b) p.add_(*f.b);
+    } else if (f.b) {
+      at::addmm_out(p, *f.b, x, wt);
+    } else {
+      at::mm_out(p, x, wt);
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "lib_cosine_distance_cuda", [&] {
       using T = cuda_scalar_t<scalar_t>;
       using A = cuda::opmath_t<T>;
@@ -83,14 +97,19 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
     if (!compute_grad) continue;
     // p now holds dL/dp. Everything below is queued on one stream: the GEMM that reads x
     // runs before the one that overwrites it.
-    dw.addmm_(p.t(), x);
     if (db.defined()) db.add_(p.sum(0));
     at::Tensor gs_c = g.student.narrow(0, r0, c);
-    if (convert) {
-      at::mm_out(x, p, f.w);
+    if (tensor_cores) {
+      const at::Tensor dp = dp_buf.narrow(0, 0, c).copy_(p);  // (c, D_t) bf16
+      dw.add_(at::mm(dp.t(), x, opmath));
+      at::mm_out(gs_c, dp, w);
+    } else if (convert) {
+      dw.addmm_(p.t(), x);
+      at::mm_out(x, p, w);
       gs_c.copy_(x);
     } else {
-      at::mm_out(gs_c, p, f.w);
+      dw.addmm_(p.t(), x);
+      at::mm_out(gs_c, p, w);
     }
   }
   if (compute_grad) {  // the factor gradients by the chain rule (common/lib_fold.h)

@@ -45,12 +45,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lib_proje
   const at::Tensor x = input.reshape({n, d.d_s});        // (N, D_s)
   const at::Tensor h = hidden.reshape({n, d.e});         // (N, E)
   const at::Tensor grad_hidden = at::mm(g, w2);          // (N, E)
-  const at::Tensor none = at::empty({0}, input.options());
-  return {at::mm(grad_hidden, w1).view(input.sizes()),  // grad_input (..., D_s)
-          at::mm(grad_hidden.t(), x),                   // grad_w1 (E, D_s)
-          b1_grad ? grad_hidden.sum(0) : none,          // grad_b1 (E)
-          at::mm(g.t(), h),                             // grad_w2 (D_t, E)
-          b2_grad ? g.sum(0) : none};                   // grad_b2 (D_t)
+  // A gradient not asked for is a fresh empty tensor each: the schema's outputs never alias.
+  return {at::mm(grad_hidden, w1).view(input.sizes()),                    // grad_input (..., D_s)
+          at::mm(grad_hidden.t(), x),                                     // grad_w1 (E, D_s)
+          b1_grad ? grad_hidden.sum(0) : at::empty({0}, w1.options()),  // grad_b1 (E)
+          at::mm(g.t(), h),                                               // grad_w2 (D_t, E)
+          b2_grad ? g.sum(0) : at::empty({0}, w2.options())};           // grad_b2 (D_t)
 }
 
 }  // namespace

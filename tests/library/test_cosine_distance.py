@@ -172,6 +172,25 @@ def test_opcheck():
                 torch.library.opcheck(ops.cosine_distance_backward, (g, s, t, stats, dim, 1e-8, teacher_grad))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_scale_grad_multiplies_unless_one(dtype):
+    """scale_grad_ (the one-pass losses' backward): x *= factor, and x untouched for exactly 1."""
+    x = torch.randn(5, 7).to(dtype)
+    before = x.clone()
+    ops.scale_grad_(x, torch.tensor(1.0))
+    assert torch.equal(x, before)
+    ops.scale_grad_(x, torch.tensor([0.375], dtype=torch.float64))
+    torch.testing.assert_close(x, (before.double() * 0.375).to(dtype))
+    torch.library.opcheck(ops.scale_grad_.default, (torch.randn(4, 3).to(dtype), torch.tensor(2.0)))
+
+
+def test_scale_grad_errors_name_the_argument():
+    with pytest.raises(RuntimeError, match="`factor` must have exactly one element"):
+        ops.scale_grad_(torch.randn(3), torch.ones(2))
+    with pytest.raises(RuntimeError, match="`grad` must be a floating-point tensor"):
+        ops.scale_grad_(torch.ones(3, dtype=torch.int64), torch.tensor(2.0))
+
+
 def test_torch_compile_fullgraph():
     torch.manual_seed(7)
     fn = torch.compile(pycosdist.cosine_distance_loss, fullgraph=True)
@@ -261,7 +280,8 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("student_grad,teacher_grad", [(True, False), (True, True), (False, True), (False, False)])
 def test_one_pass_path(reduction, student_grad, teacher_grad):
     """'mean' / 'sum' with a gradient: one forward op that also returns exactly the gradients asked
-    for, and a backward that dispatches no pycosdist op; otherwise the two-pass ops."""
+    for, and a backward that only scales them (scale_grad_, once per gradient: nothing is
+    recomputed); otherwise the two-pass ops."""
     s = torch.randn(6, 10, requires_grad=student_grad)
     t = torch.randn(6, 10, requires_grad=teacher_grad)
     with _OpLog() as fwd:
@@ -272,7 +292,7 @@ def test_one_pass_path(reduction, student_grad, teacher_grad):
         assert name == "cosine_distance_forward_with_grad" and args[-2:] == (student_grad, teacher_grad)
         with _OpLog() as bwd:
             loss.backward(torch.tensor(0.7))
-        assert bwd.calls == []
+        assert [name for name, _ in bwd.calls] == ["scale_grad_"] * (student_grad + teacher_grad)
         s64, t64 = (x.detach().double().requires_grad_(x.requires_grad) for x in (s, t))
         (0.7 * reference.cosine_distance_loss(s64, t64, reduction=reduction)).backward()
         for x, x64 in ((s, s64), (t, t64)):

@@ -238,7 +238,8 @@ def _with_grad_reference(student, teacher, dim, eps, grad_scale):
     ((300, 130), -1, lambda x: x[:, 1:129]),     # misaligned rows
     ((5, 33, 7), 1, None),                       # column kernel, one pass
     ((70000, 3), 0, None),                       # column kernel with D split over blocks
-], ids=["rows", "subwarp", "long", "misaligned", "cols", "cols-split"])
+    ((9000, 1024), -1, None),                    # rows held in registers, 5-8 packs a lane (or streamed)
+], ids=["rows", "subwarp", "long", "misaligned", "cols", "cols-split", "wide-rows"])
 def test_forward_with_grad_matches_reference(dtype, flags, shape, dim, make):
     """cosine_distance_forward_with_grad: distance and the gradients of grad_scale * sum(distance)
     in one pass; only the gradients asked for (the others empty)."""
@@ -314,6 +315,26 @@ def test_cosine_opcheck(dtype, dim):
     for teacher_grad in (False, True):
         torch.library.opcheck(ops.cosine_distance_backward.default,
                               (torch.ones_like(distance), s, t, stats, dim, 1e-8, teacher_grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 13, 1000003])
+def test_scale_grad_multiplies_unless_one(dtype, n):
+    """scale_grad_: x *= factor read on the device, nothing written when it is exactly 1, for
+    aligned and misaligned (scalar head / tail) buffers; a non-contiguous one is multiplied too."""
+    base = _randn(n + 1, dtype=dtype)
+    for x in (base[:n].clone(), base.clone()[1:]):  # 16-byte aligned, then 1 element off
+        want = (x.double() * 0.375).to(dtype)  # exact product, rounded once: what the kernel must give
+        before = x.clone()
+        ops.scale_grad_(x, torch.ones((), device=DEV))
+        assert torch.equal(x, before)
+        ops.scale_grad_(x, torch.full((1,), 0.375, device=DEV, dtype=torch.float64))
+        assert torch.equal(x, want)
+    strided = _randn(8, 6, dtype=dtype).t()
+    want = strided.double() * -2
+    ops.scale_grad_(strided, torch.tensor(-2.0, device=DEV))
+    torch.testing.assert_close(strided.double(), want)
+    torch.library.opcheck(ops.scale_grad_.default, (_randn(33, dtype=dtype), torch.tensor(0.5, device=DEV)))
 
 
 def test_cosine_compile_matches_eager():
