@@ -3,13 +3,12 @@
 The native ops (csrc/cosine_distance/) return per-row distances in the opmath dtype (float32;
 float64 for float64 inputs); the reduction happens here. Two paths:
 
-* one pass ('mean' / 'sum' while an input needs a gradient, in eager mode):
+* one pass ('mean' / 'sum' while an input needs a gradient):
   ``cosine_distance_forward_with_grad`` returns the distances and the gradients of the reduced
   loss from one read of student and teacher; the backward only scales them by the upstream
   gradient (``scale_grad_``: no pass at all when it is 1; never read back to the host on CUDA).
-* two passes ('none', nothing needs a gradient, or under torch.compile): ``cosine_distance_forward``
-  keeps 3 row stats, ``cosine_distance_backward`` reads the inputs again (inference pays nothing
-  for gradients).
+* two passes ('none', or nothing needs a gradient): ``cosine_distance_forward`` keeps 3 row stats,
+  ``cosine_distance_backward`` reads the inputs again (inference pays nothing for gradients).
 
 float16: the one-pass gradient is computed at the scale of 'sum' and 1/N is applied together with
 the upstream gradient, so a 'mean' gradient that a GradScaler factor brings back into range does
@@ -129,9 +128,9 @@ def _differentiable_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | No
 class _CosineDistanceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, dim: int, eps: float, reduction: str, student_grad: bool,
-                teacher_grad: bool, one_pass_ok: bool) -> Tensor:
+                teacher_grad: bool) -> Tensor:
         ctx.dim, ctx.eps, ctx.reduction = dim, eps, reduction
-        ctx.one_pass = one_pass_ok and reduction != "none" and (student_grad or teacher_grad)
+        ctx.one_pass = reduction != "none" and (student_grad or teacher_grad)
         if ctx.one_pass:
             rows = math.prod(student.shape[:dim] + student.shape[dim:][1:])
             # 'mean': the gradients come out final (1/N applied here, so a unit upstream gradient needs
@@ -141,19 +140,26 @@ class _CosineDistanceLoss(torch.autograd.Function):
             ctx.late_scale = grad_scale / in_kernel
             distance, grad_s, grad_t = _ops.cosine_distance_forward_with_grad(
                 student, teacher, dim, eps, in_kernel, student_grad, teacher_grad)
-            # Each gradient is handed out once, scaled in place (no copy); a second backward
-            # through a retained graph recomputes them with the two-pass ops.
-            ctx.save_for_backward(student, teacher)
-            ctx.grads = [grad_s, grad_t]
+            if torch.compiler.is_compiling():  # a traced graph keeps only what is saved for backward
+                ctx.save_for_backward(student, teacher, grad_s, grad_t)
+                ctx.grads = None
+            else:
+                # Eager: each gradient is handed out once, scaled in place (no copy); a second
+                # backward through a retained graph recomputes them with the two-pass ops.
+                ctx.save_for_backward(student, teacher)
+                ctx.grads = [grad_s, grad_t]
         else:
             distance, row_stats = _ops.cosine_distance_forward(student, teacher, dim, eps)
             ctx.save_for_backward(student, teacher, row_stats)
         ctx.rows = distance.shape
-        return _reduce(distance, reduction).to(student.dtype)
+        loss = _reduce(distance, reduction)
+        # Never return an alias of an intermediate (a no-op .to()): under torch.compile (2.11) the
+        # gradients of such an output came back as zeros.
+        return loss if loss.dtype == student.dtype else loss.to(student.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        none = (None,) * 6
+        none = (None,) * 5
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable itself
             return *_differentiable_grads(ctx, grad), *none
         need_s, need_t = ctx.needs_input_grad[:2]
@@ -165,6 +171,9 @@ class _CosineDistanceLoss(torch.autograd.Function):
                 ctx.grads = None
                 return (_scale_in_place(grad_s, factor) if need_s else None,
                         _scale_in_place(grad_t, factor) if need_t else None, *none)
+            if torch.compiler.is_compiling():
+                grad_s, grad_t = ctx.saved_tensors[2:]
+                return (grad_s * factor if need_s else None), (grad_t * factor if need_t else None), *none
             _, row_stats = _ops.cosine_distance_forward(student, teacher, ctx.dim, ctx.eps)
         else:
             row_stats = ctx.saved_tensors[2]
@@ -218,7 +227,5 @@ def cosine_distance_loss(student: Tensor, teacher: Tensor, dim: int = -1, eps: f
         raise ValueError(f"pycosdist: `reduction` must be one of {REDUCTIONS}, got {reduction!r}")
     student, teacher = _autocast_promote(student, teacher)
     grad_mode = torch.is_grad_enabled()
-    # Under torch.compile the two-pass ops run: the one-pass gradients live on the autograd ctx,
-    # which a traced graph does not keep (torch 2.11 returned zero gradients).
     return _CosineDistanceLoss.apply(student, teacher, dim, eps, reduction, grad_mode and student.requires_grad,
-                                     grad_mode and teacher.requires_grad, not torch.compiler.is_compiling())
+                                     grad_mode and teacher.requires_grad)

@@ -220,11 +220,16 @@ class _LibCosineDistanceLoss(torch.autograd.Function):
             ctx.save_for_backward(student, teacher, w1, b1, w2, b2)  # references only: no copies
         else:  # 'mean' / 'sum': the gradients of grad_scale * sum(distance) come with the forward.
             grad_scale = 1.0 / max(student.shape[0], 1) if reduction == "mean" else 1.0
-            distance, *ctx.grads = _ops.lib_cosine_distance_forward(student, teacher, w1, b1, w2, b2, eps,
-                                                                    chunk_size, grad_scale, True)
-            ctx.save_for_backward(student, teacher, w1, b1, w2, b2)  # references only: no copies
+            distance, *grads = _ops.lib_cosine_distance_forward(student, teacher, w1, b1, w2, b2, eps,
+                                                                chunk_size, grad_scale, True)
+            if torch.compiler.is_compiling():  # a traced graph keeps only what is saved for backward
+                ctx.save_for_backward(student, teacher, w1, b1, w2, b2, *grads)
+            else:
+                ctx.save_for_backward(student, teacher, w1, b1, w2, b2)  # references only: no copies
+                ctx.grads = grads
         loss = distance if reduction == "none" else distance.mean() if reduction == "mean" else distance.sum()
-        return loss.to(student.dtype)
+        # No alias of an intermediate as the output (see _cosine_distance: zero grads under compile).
+        return loss if loss.dtype == student.dtype else loss.to(student.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -236,8 +241,10 @@ class _LibCosineDistanceLoss(torch.autograd.Function):
                 # a second backward (retain_graph=True) recomputes them below.
                 grads, ctx.grads = ctx.grads, None
                 grads = [_scale_in_place(g, grad) if needed else None for g, needed in zip(grads, need)]
+            elif ctx.one_pass and torch.compiler.is_compiling():
+                grads = [g * grad if needed else None for g, needed in zip(ctx.saved_tensors[6:], need)]
             else:
-                student, teacher, w1, b1, w2, b2 = ctx.saved_tensors
+                student, teacher, w1, b1, w2, b2 = ctx.saved_tensors[:6]
                 n = student.shape[0]
                 if ctx.reduction != "none":  # one upstream scalar, times 1 / N for 'mean', in float32
                     scale = 1.0 / max(n, 1) if ctx.reduction == "mean" else 1.0
@@ -351,9 +358,7 @@ def lib_cosine_distance_loss(student_latent: Tensor, teacher_latent: Tensor, w1:
     teacher = frames(teacher_latent.detach(), layout)   # (N, D_t)
     cast = _autocast_dtype(student.device.type, (student, teacher, w1, b1, w2, b2), loss=True)
     student, teacher, w1, b1, w2, b2 = _cast(cast, student, teacher, w1, b1, w2, b2)
-    # Under torch.compile the two-pass ops run: the one-pass gradients live on the autograd ctx,
-    # which a traced graph does not keep (torch 2.11 returned zero gradients).
-    compute_grad = torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+    compute_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (student, w1, b1, w2, b2))
     with _no_autocast(student):
         return _LibCosineDistanceLoss.apply(student, teacher, w1, b1, w2, b2, float(eps), reduction, chunk_size or 0,
