@@ -87,7 +87,7 @@ step tests test_cuda.log "$PY" -m pytest -q -p no:cacheprovider -rs tests/librar
 step bench_cuda bench_cuda.log "$PY" bench/library/bench_cuda.py --out-dir "$OUT"
 
 # ---- 5. distillation on the GPU vs the CPU ----
-step distill distill.log "$PY" bench/denoise/bench_gpu_distill.py --steps "${DISTILL_STEPS:-300}" --out-dir "$OUT"
+step distill distill.log "$PY" bench/denoise/bench_gpu_distill.py --steps "${DISTILL_STEPS:-600}" --out-dir "$OUT"
 
 echo
 cat "$OUT/summary.txt"

@@ -7,8 +7,11 @@ with the KD loss either pycosdist's fused CosineLIBDistillationLoss or torch.com
 float64-free pure-PyTorch reference (pycosdist.reference.lib_cosine_distance_loss, the eager
 idiom: two Linear layers, then the cosine distance), plus a task-only run (the floor). The KD loss
 runs in float32 on the (bfloat16) latents cast up, as losses usually do under autocast; the same
-for both KD variants. Reports steps/s, seconds of audio per second, peak GPU memory and the loss
-before / after, and the same step's throughput on the CPU (float32, fused KD) for comparison.
+for both KD variants. All variants are built and warmed up first, then timed in interleaved
+rounds (a rotated order each round, so that host or clock drift hits all alike); reports the
+median round's steps/s (and the slowest / fastest round), seconds of audio per second, each
+variant's peak GPU memory and the loss before / after, and the same step's throughput on the
+CPU (float32, fused KD) for comparison.
 
     PYTHONPATH=. python bench/denoise/bench_gpu_distill.py [--steps 300] [--out-dir bench/results/gpu]
 
@@ -24,6 +27,7 @@ import copy
 import csv
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,60 +71,98 @@ def _kd_module(kind: str, d_s: int, d_t: int):
     return CompiledReference()
 
 
-def run(kind: str, args, device: str, steps: int, amp: bool) -> dict:
-    """`steps` timed optimizer steps (after `args.warmup` untimed ones) of one variant."""
-    from pycosdist.denoise import distill
-    from pycosdist.denoise.models import build_model
+class Variant:
+    """One variant's models, optimizer and data, ready to step (built before any timing, so
+    every variant pays the same set-up outside the timed region)."""
 
-    torch.manual_seed(0)
-    teacher = distill.freeze(build_model(args.teacher).to(device))
-    student = build_model(args.student).to(device)
-    samples = int(args.seconds * 16000)
-    c_s, f_s, _ = student.latent_shape()
-    c_t, f_t, _ = teacher.latent_shape()
-    kd = None if kind == "task-only" else _kd_module(kind, c_s * f_s, c_t * f_t).to(device)
-    params = list(student.parameters()) + (list(kd.parameters()) if kd is not None else [])
-    opt = torch.optim.Adam(params, lr=1e-3)
-    batches = [_audio(args.batch, samples, device, seed) for seed in range(4)]
+    def __init__(self, kind: str, args, device: str, amp: bool):
+        from pycosdist.denoise import distill
+        from pycosdist.denoise.models import build_model
 
-    def step(i: int) -> float:
-        clean, noisy = batches[i % len(batches)]
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
-            t_lat = distill.teacher_latent(teacher, noisy)
-            enhanced, s_lat, enhanced_spec = student.enhance_with_latent(noisy)
-            loss = distill.task_loss(enhanced_spec, enhanced.float(), clean, student.stft)
-        if kd is not None:
-            loss = loss + args.kd_weight * kd(s_lat.float(), t_lat.float())
-        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        self.kind, self.device, self.amp, self.args = kind, device, amp, args
+        self.distill = distill
+        self.teacher = distill.freeze(build_model(args.teacher).to(device))
+        self.student = build_model(args.student).to(device)
+        c_s, f_s, _ = self.student.latent_shape()
+        c_t, f_t, _ = self.teacher.latent_shape()
+        self.kd = None if kind == "task-only" else _kd_module(kind, c_s * f_s, c_t * f_t).to(device)
+        params = list(self.student.parameters()) + (list(self.kd.parameters()) if self.kd is not None else [])
+        self.opt = torch.optim.Adam(params, lr=1e-3)
+        self.batches = [_audio(args.batch, int(args.seconds * 16000), device, seed) for seed in range(4)]
+        self.done = 0
+
+    def step(self) -> torch.Tensor:
+        clean, noisy = self.batches[self.done % len(self.batches)]
+        self.done += 1
+        with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.amp):
+            t_lat = self.distill.teacher_latent(self.teacher, noisy)
+            enhanced, s_lat, enhanced_spec = self.student.enhance_with_latent(noisy)
+            loss = self.distill.task_loss(enhanced_spec, enhanced.float(), clean, self.student.stft)
+        if self.kd is not None:
+            loss = loss + self.args.kd_weight * self.kd(s_lat.float(), t_lat.float())
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         return loss.detach()
 
-    first = float(step(0))
-    for i in range(1, args.warmup):
-        step(i)
+    def timed(self, steps: int) -> float:
+        """Steps per second over `steps` steps."""
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            last = self.step()
+        float(last)  # waits for the last step
+        _sync(self.device)
+        return steps / (time.perf_counter() - start)
+
+
+def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for i in range(steps):
-        last = step(i)
-    last = float(last)  # synchronizes
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    return {
-        "device": device, "kd": kind, "amp": "bf16" if amp else "fp32", "batch": args.batch, "seconds": args.seconds,
-        "steps": steps, "steps/s": steps / elapsed, "audio s/s": steps * args.batch * args.seconds / elapsed,
-        "peak MiB": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan"),
-        "loss first": first, "loss last": last,
-    }
+
+
+def run_interleaved(kinds, args, device: str, steps: int, rounds: int, amp: bool) -> list[dict]:
+    """Every variant built and warmed up first; then `rounds` rounds of steps // rounds timed steps
+    each, the variants in a rotated order every round (drift of the host or the GPU clocks hits
+    all alike). Reports the median round's steps/s, and the peak memory of each variant's own
+    steps above what was allocated before them."""
+    variants = [Variant(kind, args, device, amp) for kind in kinds]
+    first = {v.kind: float(v.step()) for v in variants}
+    for v in variants:
+        for _ in range(1, args.warmup):
+            v.step()
+    peak = {}
+    for v in variants:
+        if device == "cuda":
+            _sync(device)
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        v.timed(3)
+        peak[v.kind] = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+    per_round = max(1, steps // rounds)
+    rates = {v.kind: [] for v in variants}
+    for r in range(rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            rates[v.kind].append(v.timed(per_round))
+    rows = []
+    for v in variants:
+        rate = statistics.median(rates[v.kind])
+        rows.append({
+            "device": device, "kd": v.kind, "amp": "bf16" if amp else "fp32", "batch": args.batch,
+            "seconds": args.seconds, "steps": per_round * rounds, "rounds": rounds, "steps/s": rate,
+            "steps/s min": min(rates[v.kind]), "steps/s max": max(rates[v.kind]),
+            "audio s/s": rate * args.batch * args.seconds, "peak MiB": peak[v.kind],
+            "loss first": first[v.kind], "loss last": float(v.step()),
+        })
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="timed steps per GPU variant (default 300)")
+    parser.add_argument("--steps", type=int, default=600, help="timed steps per GPU variant (default 600)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (torch.compile, cuDNN autotune)")
+    parser.add_argument("--rounds", type=int, default=6, help="timed rounds, variants interleaved (default 6)")
     parser.add_argument("--cpu-steps", type=int, default=5, help="timed CPU steps for the comparison (0: skip)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds of 16 kHz audio per example")
@@ -135,11 +177,12 @@ def main() -> None:
         sys.exit(1)
     import pycosdist
 
-    rows = [run(kind, args, args.device, args.steps, amp=True) for kind in ("task-only", "fused", "reference-compiled")]
+    rows = run_interleaved(("task-only", "fused", "reference-compiled"), args, args.device, args.steps,
+                           args.rounds, amp=True)
     if args.cpu_steps > 0 and args.device == "cuda":
         cpu_args = copy.copy(args)
         cpu_args.warmup = 1
-        rows.append(run("fused", cpu_args, "cpu", args.cpu_steps, amp=False))
+        rows += run_interleaved(("fused",), cpu_args, "cpu", args.cpu_steps, 1, amp=False)
     by_kind = {(r["device"], r["kd"]): r for r in rows}
     fused = by_kind[(args.device, "fused")]
     for r in rows:
