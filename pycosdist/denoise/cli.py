@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-speakers", type=int, default=2)
     s.add_argument("--utts", type=int, default=10, help="utterances per training speaker")
     s.add_argument("--test-utts", type=int, default=15, help="utterances per test speaker")
+    s.add_argument("--real-speech", type=Path, nargs="?", const=Path("/usr/share/ktuberling/sounds"), default=None,
+                   metavar="DIR", help="also train on recorded human voices: the 'train' speakers of DIR (default "
+                   "DIR: /usr/share/ktuberling/sounds), never those of `data realtest`'s valid or test sets")
+    s.add_argument("--real-utts", type=int, default=20, help="utterances per recorded training speaker")
     s = dsub.add_parser("prepare", help="make 16 kHz copies of a VoiceBank+DEMAND corpus")
     s.add_argument("root", type=Path)
     s = dsub.add_parser("realtest", help="real-speech evaluation set: recorded human voices (Debian's ktuberling-data) "
@@ -196,7 +200,8 @@ def main(argv=None) -> int:
 
                 writable_folder(args.out, "out")
                 out = synthesize_corpus(args.out, n_train_speakers=args.train_speakers, n_test_speakers=args.test_speakers,
-                                        utts_per_speaker=args.utts, test_utts_per_speaker=args.test_utts, seed=args.seed)
+                                        utts_per_speaker=args.utts, test_utts_per_speaker=args.test_utts, seed=args.seed,
+                                        real_speech_dir=args.real_speech, real_utts_per_speaker=args.real_utts)
                 print(f"corpus written to {out}")
             elif args.data_command == "realtest":
                 from . import realspeech

@@ -15,8 +15,11 @@ clean utterances in both, for ``pycosdist evaluate --data DIR/stationary`` (or `
 - ``babble/``: a speech-like interferer made of 3-5 OTHER speakers' real words at the same SNRs,
   reported separately.
 
-This set is for evaluation only: nothing here ever enters a training corpus. Everything follows
-from ``seed``; an interrupted build resumes (finished files are kept, the manifest comes last).
+The speakers are split three ways (:func:`split_speakers`): "valid" (to choose a recipe on),
+"train" (:func:`training_utterances`: the only recordings that may enter a training corpus, by
+``pycosdist data synth --real-speech``) and "test" (what is reported). No speaker is in two splits,
+and this evaluation set is built from the valid or test speakers only. Everything follows from
+``seed``; an interrupted build resumes (finished files are kept, the manifest comes last).
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from .data import SPLIT_DIRS, SUFFIX_16K
 KTUBERLING_DIR = Path("/usr/share/ktuberling/sounds")
 STATIONARY_NOISES = ("white", "pink", "brown")  # generated: see the module docstring
 REAL_SNRS = (0.0, 5.0, 10.0)
-VALID_SPEAKERS = 8  # speakers of the "valid" split (to choose a recipe on); the others are "test"
+VALID_SPEAKERS = 8  # speakers of the "valid" split (to choose a recipe on)
+TRAIN_SPEAKERS = 6  # speakers whose recordings may be training speech; the rest are "test"
 # A speaker whose recordings carry their own background noise is no clean reference: scoring a
 # denoiser against it rewards keeping noise. Gate: the median over the speaker's words of the
 # level ratio between the loud (95th percentile) and quiet (10th) 10 ms frames of the raw file must
 # reach this. (ktuberling: gl 12 dB, sr 14 dB, nl 18 dB fail; the others have 25-86 dB.)
 MIN_DYNAMIC_RANGE_DB = 20.0
-SPLITS = ("test", "valid")
+SPLITS = ("test", "valid")  # the evaluation sets; "train" speakers only feed training_utterances
 SUBSETS = ("stationary", "babble")
 MANIFEST = "manifest.json"
 PARAMS = ".params.json"  # written first, so that a resumed build can check it continues the same set
@@ -105,15 +109,27 @@ def _load_words(files: list[Path]) -> tuple[list[tuple[str, np.ndarray]], float]
 
 def split_speakers(speakers, split: str, seed: int = 0) -> list[str]:
     """The speakers of ``split``: a seeded permutation of the sorted ids, whose first
-    :data:`VALID_SPEAKERS` are "valid" and the rest "test" (the two never share a speaker)."""
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    :data:`VALID_SPEAKERS` are "valid", the next :data:`TRAIN_SPEAKERS` "train" and the rest
+    "test" (no two splits share a speaker)."""
+    if split not in SPLITS + ("train",):
+        raise ValueError(f"split: expected one of {SPLITS + ('train',)}, got {split!r}")
     ids = sorted(speakers)
-    if len(ids) <= VALID_SPEAKERS + 1:
-        raise ValueError(f"source_dir: need more than {VALID_SPEAKERS + 1} speakers for separate valid and test "
-                         f"speakers, found {len(ids)} ({ids})")
+    if len(ids) <= VALID_SPEAKERS + TRAIN_SPEAKERS + 1:
+        raise ValueError(f"source_dir: need more than {VALID_SPEAKERS + TRAIN_SPEAKERS + 1} speakers for separate "
+                         f"valid, train and test speakers, found {len(ids)} ({ids})")
     order = [ids[i] for i in np.random.default_rng([seed, 11]).permutation(len(ids))]
-    return sorted(order[:VALID_SPEAKERS] if split == "valid" else order[VALID_SPEAKERS:])
+    cut = VALID_SPEAKERS + TRAIN_SPEAKERS
+    return sorted({"valid": order[:VALID_SPEAKERS], "train": order[VALID_SPEAKERS:cut], "test": order[cut:]}[split])
+
+
+def training_utterances(source_dir=KTUBERLING_DIR, seed: int = 0, utts_per_speaker: int = 10,
+                        words_per_utt: int = 5) -> list[tuple[str, str, np.ndarray]]:
+    """Clean utterances of the "train" speakers (never valid or test): [(speaker, words, float64
+    16 kHz)], built like the evaluation set's (:func:`build_realtest`), for a training corpus."""
+    all_speakers = find_speakers(source_dir)
+    speakers = {k: all_speakers[k] for k in split_speakers(all_speakers, "train", int(seed))}
+    utts, _ = _utterances(speakers, int(seed), int(utts_per_speaker), int(words_per_utt))
+    return [(spk, " ".join(words), x) for _, spk, words, x in utts]
 
 
 def _utterances(speakers: dict[str, list[Path]], seed: int, utts_per_speaker: int, words_per_utt: int):
@@ -195,6 +211,7 @@ def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str
     all_speakers = find_speakers(source_dir)
     speakers = {k: all_speakers[k] for k in split_speakers(all_speakers, split, int(seed))}
     params = dict(seed=int(seed), source_dir=str(source_dir), split=split, min_dynamic_range_db=MIN_DYNAMIC_RANGE_DB,
+                  valid_speakers=VALID_SPEAKERS, train_speakers=TRAIN_SPEAKERS,
                   utts_per_speaker=int(utts_per_speaker),
                   words_per_utt=int(words_per_utt), snrs=snrs, stationary_noises=list(STATIONARY_NOISES),
                   sample_rate=SAMPLE_RATE)

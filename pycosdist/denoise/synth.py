@@ -295,10 +295,28 @@ def _run_speakers(tasks, workers: int | None):
         return pool.map(_synth_speaker, tasks, chunksize=1)
 
 
+def _real_training_speech(speakers: dict, source_dir, seed: int, utts_per_speaker: int) -> list[tuple]:
+    """Recorded "train" speakers as extra training speakers ``spkNN`` (numbered after the synthetic
+    ones; registered in ``speakers`` with their source); utterances as in pass 1."""
+    from .realspeech import training_utterances
+
+    utts, ids = [], {}
+    for spk_id, words, clean in training_utterances(source_dir, seed, utts_per_speaker):
+        if spk_id not in ids:
+            ids[spk_id] = f"spk{len(speakers) + 1:02d}"
+            speakers[ids[spk_id]] = dict(split="train", source=f"recorded: {Path(source_dir) / spk_id}")
+        spk = ids[spk_id]
+        utts.append(("train", spk, f"{spk}_{sum(u[1] == spk for u in utts) + 1:03d}", words, clean.astype(np.float32)))
+    if not utts:
+        raise ValueError(f"real_speech_dir: no usable recordings of training speakers in {source_dir}")
+    return utts
+
+
 def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int = 2, utts_per_speaker: int = 10,
                       test_utts_per_speaker: int = 15, seed: int = 0, noise_types=NOISE_TYPES,
                       train_snrs=TRAIN_SNRS, test_snrs=TEST_SNRS, overwrite: bool = False,
-                      workers: int | None = None, augment: bool = True) -> Path:
+                      workers: int | None = None, augment: bool = True, real_speech_dir=None,
+                      real_utts_per_speaker: int = 10) -> Path:
     """Writes a synthetic 16 kHz noisy/clean corpus to ``out_dir`` and returns ``out_dir``.
 
     Layout: ``clean_trainset_28spk_wav_16k``, ``noisy_trainset_28spk_wav_16k``, ``clean_testset_wav_16k``,
@@ -313,12 +331,19 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
     ``workers`` processes synthesize speech (default: one per CPU); the output does not depend on it.
     ``augment``: training speech goes through :func:`pycosdist.denoise.augment.augment_speech`
     (before mixing, so the clean target is the augmented voice); the test split never does.
+    ``real_speech_dir``: also train on recorded human voices, ``real_utts_per_speaker`` utterances
+    of each "train" speaker of :func:`pycosdist.denoise.realspeech.training_utterances` (never a
+    speaker of the real-speech valid or test sets), mixed like the synthetic training speech.
     """
     out_dir = Path(out_dir)
     params = dict(n_train_speakers=int(n_train_speakers), n_test_speakers=int(n_test_speakers),
                   utts_per_speaker=int(utts_per_speaker), test_utts_per_speaker=int(test_utts_per_speaker),
                   seed=int(seed), noise_types=list(noise_types), train_snrs=[float(s) for s in train_snrs],
                   test_snrs=[float(s) for s in test_snrs], sample_rate=SAMPLE_RATE, augment=bool(augment))
+    if real_speech_dir is not None:  # only then, so that corpora made before the option stay valid
+        params["real_speech"] = dict(source_dir=str(real_speech_dir), utts_per_speaker=int(real_utts_per_speaker))
+        if params["real_speech"]["utts_per_speaker"] < 1:
+            raise ValueError(f"real_utts_per_speaker: expected >= 1, got {real_utts_per_speaker}")
     if params["seed"] != seed or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     for key in ("n_train_speakers", "n_test_speakers", "utts_per_speaker", "test_utts_per_speaker"):
@@ -358,6 +383,8 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
     utts = []  # (split, speaker, name, text, clean float32 16 kHz)
     for (spk, s), speech in zip(speakers.items(), _run_speakers(tasks, workers)):
         utts += [(s["split"], spk, f"{spk}_{j + 1:03d}", text, wav) for j, (text, wav) in enumerate(speech)]
+    if real_speech_dir is not None:
+        utts += _real_training_speech(speakers, real_speech_dir, seed, params["real_speech"]["utts_per_speaker"])
 
     # Pass 2: noise, mix, level, write.
     for split, (clean_name, noisy_name) in SPLIT_DIRS.items():

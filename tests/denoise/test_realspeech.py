@@ -17,7 +17,7 @@ import soundfile as sf
 from pycosdist.denoise import cli, data, evaluation, realspeech, report
 from pycosdist.denoise.audio import read_audio
 
-SPEAKERS = [f"s{k:02d}" for k in range(12)]  # > VALID_SPEAKERS + 2, so both splits have 2 clean speakers
+SPEAKERS = [f"s{k:02d}" for k in range(18)]  # > VALID + TRAIN speakers + 2: every split has 2 clean speakers
 NOISY = "s11"  # its recordings carry background noise: never a reference
 WORDS = 5  # per speaker: the CLI's default utterance length
 
@@ -66,12 +66,39 @@ def built(tmp_path_factory, source):
 def test_speakers_and_splits(source):
     speakers = realspeech.find_speakers(source)
     assert sorted(speakers) == SPEAKERS and len(speakers["s00"]) == WORDS + 1
-    test, valid = (realspeech.split_speakers(speakers, s) for s in ("test", "valid"))
-    assert len(valid) == realspeech.VALID_SPEAKERS and not set(test) & set(valid)
-    assert sorted(test + valid) == SPEAKERS
+    test, valid, train = (realspeech.split_speakers(speakers, s) for s in ("test", "valid", "train"))
+    assert len(valid) == realspeech.VALID_SPEAKERS and len(train) == realspeech.TRAIN_SPEAKERS
+    assert not set(test) & set(valid) and not set(test) & set(train) and not set(train) & set(valid)
+    assert sorted(test + valid + train) == SPEAKERS
     assert realspeech.split_speakers(speakers, "test", seed=0) == test  # seeded: stable
     with pytest.raises(ValueError, match="split"):
-        realspeech.split_speakers(speakers, "train")
+        realspeech.split_speakers(speakers, "training")
+
+
+def test_training_utterances_come_from_train_speakers_only(source):
+    train = realspeech.split_speakers(realspeech.find_speakers(source), "train")
+    utts = realspeech.training_utterances(source, utts_per_speaker=2, words_per_utt=2)
+    assert {spk for spk, _, _ in utts} == set(train) - {NOISY}  # noisy recordings never enter
+    assert all(len(words.split()) == 2 and x.dtype == np.float64 and len(x) > 0.3 * 16000 for _, words, x in utts)
+
+
+def test_synth_corpus_with_real_training_speech(source, tmp_path):
+    """--real-speech: the train speakers' recordings join the TRAINING split only, as extra speakers."""
+    from pycosdist.denoise import synth
+
+    kw = dict(n_train_speakers=2, n_test_speakers=1, utts_per_speaker=1, test_utts_per_speaker=1, workers=1)
+    out = synth.synthesize_corpus(tmp_path / "c", real_speech_dir=source, real_utts_per_speaker=2, **kw)
+    manifest = json.loads((out / "manifest.json").read_text())
+    recorded = {k: v for k, v in manifest["speakers"].items() if "source" in v}
+    train = realspeech.split_speakers(realspeech.find_speakers(source), "train")
+    assert sorted(v["source"].rsplit("/", 1)[1] for v in recorded.values()) == sorted(set(train) - {NOISY})
+    assert all(v["split"] == "train" for v in recorded.values())
+    files = {f["name"]: f for f in manifest["files"]}
+    assert all(files[n]["split"] == "train" for n in files if n.split("_")[0] in recorded)
+    assert sum(n.split("_")[0] in recorded for n in files) == 2 * len(recorded)
+    assert manifest["params"]["real_speech"] == dict(source_dir=str(source), utts_per_speaker=2)
+    train_clean = sorted(p.stem for p in (out / "clean_trainset_28spk_wav_16k").glob("*.wav"))
+    assert len(train_clean) == 2 + 2 * len(recorded) and len(data.load_corpus(out).test) == 1
 
 
 def test_dynamic_range_separates_clean_from_noisy_recordings():

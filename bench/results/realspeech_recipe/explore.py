@@ -19,7 +19,7 @@ s = training.train(cfg, corpus, out, progress=False, log=lambda *a: None)
 model = training.load_model(out / "best.pt")[0]
 res = {}
 for sub in ("stationary", "babble"):
-    ds = data.load_corpus(f"/work/runs/real_valid/{sub}"  # REAL_VALID).test
+    ds = data.load_corpus(f"/work/runs/real_valid/{sub}").test  # REAL_VALID
     r = evaluation.evaluate(lambda x: model(x[None])[0], ds, out / "eval", f"real_{sub}", workers=0)
     res[sub] = {k: round(r[k], 4) for k in ("pesq", "stoi", "si_sdr")}
 print(name, seed, json.dumps(res), "best", s["best"], flush=True)
