@@ -19,6 +19,7 @@ One seed decides nothing: a single run's gain flipped sign between two machines.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -56,6 +57,10 @@ DEMO_METHODS = ("none", "similarity_preserving", "cosine_lib")
 # recipe; the teacher-latent cache is on). Traded: each student is less trained than the recipe's
 # (lower PESQ for every method); bought: 3 paired seeds per method, so the gain comes with a CI.
 DEMO_SEEDS = 3
+# Recorded human voices in the training corpus (issue 10): utterances per "train" speaker of
+# pycosdist.denoise.realspeech (never a valid or test speaker). Chosen on the valid speakers:
+# bench/results/realspeech_recipe/real_training_speech.md.
+DEMO_REAL_UTTS = 20
 DEMO_STUDENT_BUDGET = {"train": {"epochs": 4}, "data": {"segment_seconds": 1.0}, "kd": {"teacher_cache": True}}
 
 
@@ -154,12 +159,24 @@ def method_gain_rows(rows: list[dict], eval_dir, methods) -> list[dict]:
 
 
 # --- the demo --------------------------------------------------------------------------------------
+def _real_training_speech(wanted: bool, log) -> dict:
+    """The corpus arguments that add recorded training voices, when wanted and installed."""
+    from .realspeech import KTUBERLING_DIR
+
+    if not wanted:
+        return {}
+    if not KTUBERLING_DIR.is_dir():
+        log(f"note: {KTUBERLING_DIR} is missing (apt-get install ktuberling-data): training on synthetic voices only")
+        return {}
+    return {"real_speech_dir": KTUBERLING_DIR, "real_utts_per_speaker": DEMO_REAL_UTTS}
+
+
 def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, seeds: int = DEMO_SEEDS,
              corpus_kwargs: dict | None = None, teacher_overrides: dict | None = None,
              student_overrides: dict | None = None, real_speech: bool = True) -> dict:
     """Runs the whole demo (see the module docstring); returns the results dict. ``corpus_kwargs``,
     ``teacher_overrides``, ``student_overrides`` (training-config sections) shrink it for tests;
-    ``real_speech=False`` skips the real-speech tables."""
+    ``real_speech=False`` skips the real-speech tables and the recorded training voices."""
     from . import data, synth, training
 
     t_start = time.perf_counter()
@@ -175,8 +192,8 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
         log(f"== {name}: {timings[name]:.1f} s")
         return result
 
-    corpus_dir = stage("synthesize corpus", lambda: synth.synthesize_corpus(work / "corpus", seed=0,
-                                                                             **(corpus_kwargs or {})))
+    corpus_kwargs = {**_real_training_speech(real_speech, log), **(corpus_kwargs or {})}
+    corpus_dir = stage("synthesize corpus", lambda: synth.synthesize_corpus(work / "corpus", seed=0, **corpus_kwargs))
     teacher_dir = work / "runs" / "teacher"
     teacher_cfg = config_mod.merge(demo_config("teacher"), teacher_overrides or {})
     runs = {"teacher": stage("train teacher", lambda: training.train(
@@ -220,7 +237,12 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
     wall = round(time.perf_counter() - t_start, 1)
     gains = seed_paired_gains(work / "eval", DEMO_METHODS, seed_list)
     budget = demo_student_config("none", 0, teacher_ckpt)
-    notes = (f"Student preset `{student_preset}`, {seeds} seeds per method (paired: same initialization and "
+    voices = json.loads((corpus_dir / synth.MANIFEST).read_text())["speakers"].values()
+    recorded = [v["source"].rsplit("/", 1)[-1] for v in voices if "source" in v]
+    notes = (f"Training speech: {sum('source' not in v and v['split'] == 'train' for v in voices)} synthetic voices"
+             + (f" and {len(recorded)} recorded speakers ({', '.join(recorded)}; never real-speech test speakers)"
+                if recorded else "") + ".\n\n"
+             f"Student preset `{student_preset}`, {seeds} seeds per method (paired: same initialization and "
              f"data order within a seed), each trained {budget['train']['epochs']} epochs on "
              f"{budget['data']['segment_seconds']:g} s crops (the demo's budget); each row is its run's best.pt (best "
              f"validation {budget['train']['valid_metric']}).\n\n"
@@ -251,7 +273,8 @@ def realspeech_report(checkpoints: dict, out="report", workers: int = 2, progres
 
     out = Path(out)
     try:
-        root = realspeech.build_realtest(out / "work" / "realtest", seed=seed, split="test")
+        # The demo's own work folder: a set made by an older version (other speakers) is rebuilt.
+        root = realspeech.build_realtest(out / "work" / "realtest", seed=seed, split="test", overwrite=True)
     except FileNotFoundError as e:
         log(f"real-speech tables skipped: {e}")
         return None
