@@ -1,7 +1,7 @@
 """Issue 10 recipe search: one demo-budget student (no KD) under a recipe variant, scored on the
 real-speech VALID split. Usage (as run, see search.sh):
 
-    python explore.py NAME '{"loss": {"sisdr_weight": 0.02}}' SEED
+    python explore.py NAME '{"loss": {"sisdr_weight": 0.02}}' SEED [CORPUS]
 
 CORPUS is the demo corpus (pycosdist data synth), REAL_VALID the output of
 `pycosdist data realtest REAL_VALID --split valid`; valid_search.md collects the printed lines."""
@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 cfg = C.merge(C.merge(demo.demo_config("student"), demo.DEMO_STUDENT_BUDGET), {"kd": {"method": "none", "teacher_cache": False}, "train": {"seed": seed, "threads": 1, "eval_workers": 0}})
 cfg = C.merge(cfg, upd)
 out = Path("/work/runs/explore") / f"{name}_s{seed}"  # work folder
-corpus = "/tmp/demo_quiet/work/corpus"  # CORPUS
+corpus = sys.argv[4] if len(sys.argv) > 4 else "/tmp/demo_quiet/work/corpus"  # CORPUS (the demo corpus)
 s = training.train(cfg, corpus, out, progress=False, log=lambda *a: None)
 model = training.load_model(out / "best.pt")[0]
 res = {}

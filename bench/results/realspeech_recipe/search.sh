@@ -31,3 +31,12 @@ $P explore.py sp1_sisdr02 '{"loss":{"sisdr_weight":0.02,"speech_loss_weight":1.0
 $P explore.py sisdr02_vl '{"loss":{"sisdr_weight":0.02},"train":{"valid_metric":"loss"}}' $s
 $P explore.py sp1_floor05_sisdr02 '{"model":{"mask_floor":0.05},"loss":{"sisdr_weight":0.02,"speech_loss_weight":1.0},"train":{"valid_metric":"loss"}}' $s
 done
+# Real training speech (real_training_speech.md): corpora by synthesize_corpus(..., real_speech_dir=KTUBERLING,
+# real_utts_per_speaker=N[, utts_per_speaker=7]) in /work/runs/realtrain/corpus_<name>, then
+B='{"loss":{"sisdr_weight":0.02},"train":{"valid_metric":"loss"}}'
+for s in 0 1 2; do
+  $P explore.py synth_only "$B" $s /tmp/demo_quiet/work/corpus
+  for c in real10 real20 real30 real40 s7_real40; do $P explore.py $c "$B" $s /work/runs/realtrain/corpus_$c; done
+done
+$P teacher_valid.py 6 /work/runs/realtrain/corpus_real40
+$P teacher_valid.py 8 /work/runs/realtrain/corpus_real40
