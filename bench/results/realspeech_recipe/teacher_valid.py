@@ -6,7 +6,7 @@ from pycosdist.denoise import config as C, data, demo, evaluation, training
 epochs, corpus = int(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)
 cfg = C.merge(demo.demo_config("teacher"), {"train": {"epochs": epochs, "threads": 1, "eval_workers": 0}})
-out = Path("/work/runs/realtrain/runs")   / f"teacher_e{epochs}_{Path(corpus).name}"
+out = Path("/work/runs/realtrain/runs") / f"teacher_e{epochs}_{Path(corpus).name}"  # work folder
 t = time.time()
 s = training.train(cfg, corpus, out, progress=False, log=lambda *a: None)
 wall = time.time() - t
