@@ -102,6 +102,12 @@ def _reduce(distance: Tensor, reduction: str) -> Tensor:
     return distance if reduction == "none" else reference.reduce(distance, reduction)
 
 
+def _loss_in(loss: Tensor, dtype: torch.dtype) -> Tensor:
+    """``loss`` as ``dtype`` for an autograd Function's output, never an alias of the intermediate
+    (a no-op ``.to()``): under torch.compile (2.11) the gradients of such an output came back as zeros."""
+    return loss if loss.dtype == dtype else loss.to(dtype)
+
+
 def _scale_in_place(grad: Tensor, factor: Tensor) -> Tensor:
     """``grad *= factor`` (one element) by the ``scale_grad_`` op, which skips the pass over
     ``grad`` when the factor is exactly 1, as from ``loss.backward()``: on the CPU by reading it,
@@ -152,10 +158,7 @@ class _CosineDistanceLoss(torch.autograd.Function):
             distance, row_stats = _ops.cosine_distance_forward(student, teacher, dim, eps)
             ctx.save_for_backward(student, teacher, row_stats)
         ctx.rows = distance.shape
-        loss = _reduce(distance, reduction)
-        # Never return an alias of an intermediate (a no-op .to()): under torch.compile (2.11) the
-        # gradients of such an output came back as zeros.
-        return loss if loss.dtype == student.dtype else loss.to(student.dtype)
+        return _loss_in(_reduce(distance, reduction), student.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

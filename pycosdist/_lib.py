@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _extension  # noqa: F401  (registers torch.ops.pycosdist)
-from ._cosine_distance import _scale_in_place
+from ._cosine_distance import _loss_in, _scale_in_place
 from .reference import REDUCTIONS, frames
 
 _ops = torch.ops.pycosdist
@@ -228,8 +228,7 @@ class _LibCosineDistanceLoss(torch.autograd.Function):
                 ctx.save_for_backward(student, teacher, w1, b1, w2, b2)  # references only: no copies
                 ctx.grads = grads
         loss = distance if reduction == "none" else distance.mean() if reduction == "mean" else distance.sum()
-        # No alias of an intermediate as the output (see _cosine_distance: zero grads under compile).
-        return loss if loss.dtype == student.dtype else loss.to(student.dtype)
+        return _loss_in(loss, student.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

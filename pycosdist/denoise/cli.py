@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-speakers", type=int, default=2)
     s.add_argument("--utts", type=int, default=10, help="utterances per training speaker")
     s.add_argument("--test-utts", type=int, default=15, help="utterances per test speaker")
-    s.add_argument("--real-speech", type=Path, nargs="?", const=Path("/usr/share/ktuberling/sounds"), default=None,
+    s.add_argument("--real-speech", type=Path, nargs="?", const=True, default=None,
                    metavar="DIR", help="also train on recorded human voices: the 'train' speakers of DIR (default "
                    "DIR: /usr/share/ktuberling/sounds), never those of `data realtest`'s valid or test sets")
     s.add_argument("--real-utts", type=int, default=20, help="utterances per recorded training speaker")
@@ -196,12 +196,14 @@ def main(argv=None) -> int:
     try:
         if args.command == "data":
             if args.data_command == "synth":
+                from .realspeech import KTUBERLING_DIR
                 from .synth import synthesize_corpus
 
                 writable_folder(args.out, "out")
+                real_dir = KTUBERLING_DIR if args.real_speech is True else args.real_speech  # bare flag: the default
                 out = synthesize_corpus(args.out, n_train_speakers=args.train_speakers, n_test_speakers=args.test_speakers,
                                         utts_per_speaker=args.utts, test_utts_per_speaker=args.test_utts, seed=args.seed,
-                                        real_speech_dir=args.real_speech, real_utts_per_speaker=args.real_utts)
+                                        real_speech_dir=real_dir, real_utts_per_speaker=args.real_utts)
                 print(f"corpus written to {out}")
             elif args.data_command == "realtest":
                 from . import realspeech

@@ -300,13 +300,14 @@ def _real_training_speech(speakers: dict, source_dir, seed: int, utts_per_speake
     ones; registered in ``speakers`` with their source); utterances as in pass 1."""
     from .realspeech import training_utterances
 
-    utts, ids = [], {}
+    utts, ids, counts = [], {}, {}
     for spk_id, words, clean in training_utterances(source_dir, seed, utts_per_speaker):
         if spk_id not in ids:
             ids[spk_id] = f"spk{len(speakers) + 1:02d}"
             speakers[ids[spk_id]] = dict(split="train", source=f"recorded: {Path(source_dir) / spk_id}")
         spk = ids[spk_id]
-        utts.append(("train", spk, f"{spk}_{sum(u[1] == spk for u in utts) + 1:03d}", words, clean.astype(np.float32)))
+        counts[spk] = counts.get(spk, 0) + 1
+        utts.append(("train", spk, f"{spk}_{counts[spk]:03d}", words, clean.astype(np.float32)))
     if not utts:
         raise ValueError(f"real_speech_dir: no usable recordings of training speakers in {source_dir}")
     return utts
