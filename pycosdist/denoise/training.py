@@ -41,6 +41,8 @@ within the teacher's temporal receptive field of a crop boundary (a few frames) 
 neighbouring audio where a teacher run on the crop alone would see the STFT's reflection padding
 and the convolutions' zero padding. Memory: C*F'*4 bytes per frame (about 4 KiB for the demo
 teacher, 240 MB for the demo corpus). ``teacher_cache = false`` runs the teacher on every batch.
+The next run in the same process with the same teacher file, training inputs and crop length (the
+demo's and the experiment's students) reuses the last cache instead of running the teacher again.
 """
 
 from __future__ import annotations
@@ -403,6 +405,11 @@ class TeacherLatentCache:
         return sum(x.numel() * x.element_size() for x in self.latents)
 
 
+# The latents of the last cache built in this process, kept for the next run with the same teacher
+# and corpus (a demo or an experiment distills several students from one teacher): {"key", "cache"}.
+_LAST_TEACHER_CACHE: dict = {}
+
+
 # --- the loop --------------------------------------------------------------------------------------
 def _lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
     def factor(step: int) -> float:
@@ -576,9 +583,26 @@ class Run:
         if self.teacher is None or not self.kc["teacher_cache"]:
             return
         t0 = time.perf_counter()
+        key = self._teacher_cache_key()
+        if _LAST_TEACHER_CACHE.get("key") == key:  # the previous run's: same teacher file, corpus, crops
+            self.cache = _LAST_TEACHER_CACHE["cache"]
+            self.log(f"teacher latents reused from the previous run in this process ({len(self.crops)} utterances)")
+            return
+        _LAST_TEACHER_CACHE.clear()  # frees the old latents before computing the new ones
         self.cache = TeacherLatentCache(self.teacher_latent, self.crops, self.progress)
+        _LAST_TEACHER_CACHE.update(key=key, cache=self.cache)
         self.log(f"teacher latents cached: {len(self.crops)} utterances, {self.cache.nbytes() / 2**20:.0f} MiB, "
                  f"{time.perf_counter() - t0:.1f} s")
+
+    def _teacher_cache_key(self) -> tuple:
+        """What the cached latents depend on: the teacher file (path, size, mtime), the training
+        inputs (noisy files: paths, sizes, mtimes), the crop length and the device."""
+        def stamp(path) -> tuple:
+            st = os.stat(path)
+            return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+        files = tuple(stamp(pair.noisy_path) for pair in self.corpus.train.pairs)
+        return stamp(self.kc["teacher"]), files, self.crops.segment, str(self.device)
 
     # --- one epoch ---------------------------------------------------------------------------------
     def local_batches(self, epoch: int):

@@ -156,6 +156,30 @@ def test_teacher_cache_crops_match_teacher_on_the_crop(corpus, teacher_ckpt):
     assert checked > 0  # some crops did not start at 0
 
 
+def test_teacher_cache_is_reused_by_the_next_run_with_the_same_teacher(corpus, teacher_ckpt, tmp_path):
+    cfg = config.load_config(overrides=TINY + ["train.epochs=1", "kd.method=cosine_lib", f"kd.teacher={teacher_ckpt}"])
+    logs = []
+
+    def run(name):
+        logs.clear()
+        summary = training.train(cfg, corpus, tmp_path / name, progress=False, log=logs.append)
+        return summary, torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
+
+    training._LAST_TEACHER_CACHE.clear()
+    _, fresh = run("fresh")
+    assert any("teacher latents cached" in m for m in logs)
+    _, reused = run("reused")
+    assert any("reused from the previous run" in m for m in logs)
+    for k in fresh:  # a reused cache trains exactly like a computed one
+        assert torch.equal(fresh[k], reused[k]), k
+    # a rewritten teacher file is a different teacher: the latents are computed again
+    copy = tmp_path / "teacher_copy.pt"
+    copy.write_bytes(Path(teacher_ckpt).read_bytes())
+    training.train(config.merge(cfg, {"kd": {"teacher": str(copy)}}), corpus, tmp_path / "other", progress=False,
+                   log=logs.append)
+    assert any("teacher latents cached" in m for m in logs)
+
+
 def test_train_argument_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="kd.teacher: KD method 'cosine_lib' needs a teacher"):
         training.train(config.load_config(overrides=TINY + ["kd.method=cosine_lib"]), corpus, tmp_path)
