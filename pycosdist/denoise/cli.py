@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--real-speech", type=Path, nargs="?", const=True, default=None,
                    metavar="DIR", help="also train on recorded human voices: the 'train' speakers of DIR (default "
                    "DIR: /usr/share/ktuberling/sounds), never those of `data realtest`'s valid or test sets")
-    s.add_argument("--real-utts", type=int, default=20, help="utterances per recorded training speaker")
+    s.add_argument("--real-utts", type=int, default=None,
+                   help="utterances per recorded training speaker (default: 40, synth.REAL_UTTS_PER_SPEAKER)")
     s = dsub.add_parser("prepare", help="make 16 kHz copies of a VoiceBank+DEMAND corpus")
     s.add_argument("root", type=Path)
     s = dsub.add_parser("realtest", help="real-speech evaluation set: recorded human voices (Debian's ktuberling-data) "

@@ -28,6 +28,7 @@ import torch
 
 from . import config as config_mod
 from . import stats
+from .synth import REAL_UTTS_PER_SPEAKER
 from .report import (evaluate_checkpoints, gain_references, paired_gain, per_file_scores, plot_spectrograms,
                      plot_training_curves, text_table, write_results)
 
@@ -60,9 +61,9 @@ DEMO_METHODS = ("none", "similarity_preserving", "cosine_lib")
 # (lower PESQ for every method); bought: 3 paired seeds per method, so the gain comes with a CI.
 DEMO_SEEDS = 3
 # Recorded human voices in the training corpus (issue 10): utterances per "train" speaker of
-# pycosdist.denoise.realspeech (never a valid or test speaker). Chosen on the valid speakers:
-# bench/results/realspeech_recipe/real_training_speech.md.
-DEMO_REAL_UTTS = 40
+# pycosdist.denoise.realspeech (never a valid or test speaker); synth's default, chosen on the valid
+# speakers (bench/results/realspeech_recipe/real_training_speech.md).
+DEMO_REAL_UTTS = REAL_UTTS_PER_SPEAKER
 DEMO_STUDENT_BUDGET = {"train": {"epochs": 4}, "data": {"segment_seconds": 1.0}, "kd": {"teacher_cache": True}}
 
 

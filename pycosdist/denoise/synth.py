@@ -313,11 +313,16 @@ def _real_training_speech(speakers: dict, source_dir, seed: int, utts_per_speake
     return utts
 
 
+# Recorded utterances per "train" speaker when real speech is added (the demo's too): chosen on the
+# real-speech VALID speakers among 10-40 (bench/results/realspeech_recipe/real_training_speech.md).
+REAL_UTTS_PER_SPEAKER = 40
+
+
 def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int = 2, utts_per_speaker: int = 10,
                       test_utts_per_speaker: int = 15, seed: int = 0, noise_types=NOISE_TYPES,
                       train_snrs=TRAIN_SNRS, test_snrs=TEST_SNRS, overwrite: bool = False,
                       workers: int | None = None, augment: bool = True, real_speech_dir=None,
-                      real_utts_per_speaker: int = 10) -> Path:
+                      real_utts_per_speaker: int | None = None) -> Path:
     """Writes a synthetic 16 kHz noisy/clean corpus to ``out_dir`` and returns ``out_dir``.
 
     Layout: ``clean_trainset_28spk_wav_16k``, ``noisy_trainset_28spk_wav_16k``, ``clean_testset_wav_16k``,
@@ -333,7 +338,7 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
     ``augment``: training speech goes through :func:`pycosdist.denoise.augment.augment_speech`
     (before mixing, so the clean target is the augmented voice); the test split never does.
     ``real_speech_dir``: also train on recorded human voices, ``real_utts_per_speaker`` utterances
-    of each "train" speaker of :func:`pycosdist.denoise.realspeech.training_utterances` (never a
+    (default :data:`REAL_UTTS_PER_SPEAKER`) of each "train" speaker of :func:`pycosdist.denoise.realspeech.training_utterances` (never a
     speaker of the real-speech valid or test sets), mixed like the synthetic training speech.
     """
     out_dir = Path(out_dir)
@@ -342,6 +347,7 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
                   seed=int(seed), noise_types=list(noise_types), train_snrs=[float(s) for s in train_snrs],
                   test_snrs=[float(s) for s in test_snrs], sample_rate=SAMPLE_RATE, augment=bool(augment))
     if real_speech_dir is not None:  # only then, so that corpora made before the option stay valid
+        real_utts_per_speaker = REAL_UTTS_PER_SPEAKER if real_utts_per_speaker is None else real_utts_per_speaker
         params["real_speech"] = dict(source_dir=str(real_speech_dir), utts_per_speaker=int(real_utts_per_speaker))
         if params["real_speech"]["utts_per_speaker"] < 1:
             raise ValueError(f"real_utts_per_speaker: expected >= 1, got {real_utts_per_speaker}")

@@ -40,7 +40,7 @@ this exact for the interior frames; the approximation is at the crop's edges: th
 within the teacher's temporal receptive field of a crop boundary (a few frames) saw the real
 neighbouring audio where a teacher run on the crop alone would see the STFT's reflection padding
 and the convolutions' zero padding. Memory: C*F'*4 bytes per frame (about 4 KiB for the demo
-teacher, 240 MB for the demo corpus). ``teacher_cache = false`` runs the teacher on every batch.
+teacher, about 500 MiB for the demo corpus). ``teacher_cache = false`` runs the teacher on every batch.
 The next run in the same process with the same teacher file, training inputs and crop length (the
 demo's and the experiment's students) reuses the last cache instead of running the teacher again.
 """
