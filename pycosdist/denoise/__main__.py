@@ -4,4 +4,6 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+# The guard: worker processes that are spawned (the demo's concurrent students) import this module again.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,10 @@ import pytest
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
+import torch
+
 from pycosdist.denoise import demo, training
+from run_helpers import corpus, teacher_ckpt  # noqa: F401 (fixtures)
 
 
 def _write_scores(eval_dir, label, scores: dict):
@@ -73,3 +76,25 @@ def test_demo_end_to_end_reports_paired_seeds(tmp_path):
     baselines = [m for m in models if m not in ("noisy input", "teacher") and not m.startswith("student ")]
     assert len(baselines) <= 1  # spectral gating, when noisereduce is installed
     assert len(models) == 2 + len(baselines) + 2 * len(demo.DEMO_METHODS)  # noisy, teacher, students
+
+
+def test_concurrent_student_runs_match_runs_one_after_the_other(corpus, teacher_ckpt, tmp_path):
+    from pycosdist.denoise import config
+    from run_helpers import TINY
+
+    jobs = {}
+    for method in ("none", "cosine_lib"):
+        cfg = config.load_config(overrides=TINY + ["train.epochs=2", f"kd.method={method}", f"kd.teacher={teacher_ckpt}"])
+        jobs[f"student {method}"] = (cfg, tmp_path / "concurrent" / method)
+    summaries = demo.train_concurrently(jobs, corpus, workers=2)
+    assert set(summaries) == set(jobs) and all(s["seconds"] > 0 for s in summaries.values())
+    for label, (cfg, run_dir) in jobs.items():
+        threads = training.load_checkpoint(run_dir / "last.pt")["config"]["train"]["threads"]
+        alone = training.train(config.merge(cfg, {"train": {"threads": threads}}), corpus, tmp_path / "alone" / label,
+                               progress=False, log=lambda *_: None)
+        assert [r["train_loss"] for r in alone["history"]] == pytest.approx(
+            [r["train_loss"] for r in summaries[label]["history"]], rel=1e-5)
+        a = training.load_checkpoint(run_dir / "best.pt")["model"]
+        b = training.load_checkpoint(tmp_path / "alone" / label / "best.pt")["model"]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
