@@ -9,45 +9,10 @@ import torch
 import pycosdist
 from pycosdist import reference
 from pycosdist.nn import CosineDistanceLoss
+from cosine_check import TOL, check_cosine_against_reference as _check_against_reference
 
 ops = torch.ops.pycosdist
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# (values atol, grads rtol relative to the largest reference gradient)
-TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12), torch.bfloat16: (2e-2, 2e-2),
-       torch.float16: (3e-3, 3e-3)}
-
-
-def _check_against_reference(student, teacher, dim=-1, eps=1e-8, reduction="none", teacher_grad=True):
-    """Forward and backward of pycosdist vs the float64 reference on the same (rounded) values."""
-    dtype = student.dtype
-    s = student.detach().requires_grad_()  # detach keeps the strides (clone would not for views)
-    t = teacher.detach().requires_grad_(teacher_grad)
-    s64 = student.detach().double().requires_grad_()
-    t64 = teacher.detach().double().requires_grad_(teacher_grad)
-    out = pycosdist.cosine_distance_loss(s, t, dim, eps, reduction)
-    rows = reference.cosine_distance(s64, t64, dim, eps)
-    rows.retain_grad()
-    ref = reference.reduce(rows, reduction)
-    assert out.dtype == dtype and out.shape == ref.shape
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(out.double(), ref, atol=atol * max(1.0, ref.abs().max().item() if ref.numel() else 1),
-                               rtol=atol, equal_nan=True)
-    upstream = torch.randn(ref.shape, dtype=torch.float64)
-    (out.double() * upstream).sum().backward()
-    (ref * upstream).sum().backward()
-    for x, got, want in ((s64, s.grad, s64.grad), (t64, t.grad, t64.grad) if teacher_grad else (t64, None, None)):
-        if want is None:
-            assert t.grad is None
-            continue
-        assert got.dtype == dtype and got.shape == want.shape
-        assert torch.isfinite(got).all()
-        if want.numel():
-            # Error relative to the row's own scale (rows may differ by 1e8): its largest
-            # gradient, or |g| / max(|x|, eps), the size of the two terms that cancel in it.
-            g = rows.grad.unsqueeze(dim).abs()
-            scale = want.abs().amax(dim, keepdim=True) + g / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(eps)
-            assert ((got.double() - want).abs() <= rtol * scale).all(), (got, want)
-    return out, s.grad, t.grad
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -322,7 +287,7 @@ def test_forward_with_grad_op(dtype, shape, dim):
     for student_grad, teacher_grad in ((True, True), (True, False), (False, True)):
         distance, grad_s, grad_t = ops.cosine_distance_forward_with_grad(s, t, dim, 1e-8, 0.25, student_grad,
                                                                           teacher_grad)
-        atol, rtol = TOL[dtype]
+        atol = rtol = TOL[dtype]
         assert distance.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(distance.double(), rows.detach(), atol=atol, rtol=atol)
         for wanted, got, want in ((student_grad, grad_s, s64.grad), (teacher_grad, grad_t, t64.grad)):
@@ -494,7 +459,7 @@ def test_eps_zero_zero_row_is_nan(dtype, reduction, dim):
             assert g.index_select(rows_dim, bad).isnan().all()
             assert torch.isfinite(g.index_select(rows_dim, good)).all()
     ours, ref = results[0], results[2]
-    atol, rtol = TOL[dtype]
+    atol = rtol = TOL[dtype]
     torch.testing.assert_close(ours[0][good], ref[0][good], atol=atol, rtol=atol)
     for got, want in zip(ours[1:], ref[1:]):
         got, want = got.index_select(rows_dim, good), want.index_select(rows_dim, good)

@@ -12,6 +12,7 @@ import torch
 
 import pycosdist
 from pycosdist import reference
+from cosine_check import TOL, check_cosine_against_reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -23,8 +24,6 @@ pytestmark = [
 ops = torch.ops.pycosdist
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# Relative tolerance per dtype (values and gradients, relative to the scale of what is compared).
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 def _randn(*shape, dtype=torch.float32, seed=0):
@@ -41,35 +40,7 @@ def _upstream(shape, seed=9):
 # ---------------------------------------------------------------- cosine_distance
 
 def _check_cosine(student, teacher, dim=-1, eps=1e-8, reduction="none", teacher_grad=True):
-    """pycosdist's forward and backward vs the float64 reference on the same (rounded) values."""
-    dtype = student.dtype
-    s = student.detach().requires_grad_()  # detach keeps strides (views stay views)
-    t = teacher.detach().requires_grad_(teacher_grad)
-    s64 = student.detach().double().requires_grad_()
-    t64 = teacher.detach().double().requires_grad_(teacher_grad)
-    out = pycosdist.cosine_distance_loss(s, t, dim, eps, reduction)
-    rows = reference.cosine_distance(s64, t64, dim, eps)
-    rows.retain_grad()
-    ref = reference.reduce(rows, reduction)
-    assert out.device.type == "cuda" and out.dtype == dtype and out.shape == ref.shape
-    tol = TOL[dtype]
-    torch.testing.assert_close(out.double(), ref, atol=tol * max(1.0, ref.abs().max().item() if ref.numel() else 1.0),
-                               rtol=tol)
-    upstream = _upstream(ref.shape)
-    (out.double() * upstream).sum().backward()
-    (ref * upstream).sum().backward()
-    pairs = [(s64, s.grad, s64.grad)] + ([(t64, t.grad, t64.grad)] if teacher_grad else [])
-    if not teacher_grad:
-        assert t.grad is None
-    for x, got, want in pairs:
-        assert got.dtype == dtype and got.shape == want.shape and got.device.type == "cuda"
-        assert torch.isfinite(got).all()
-        if want.numel():
-            # Error relative to each row's own scale (rows may differ by 1e8): its largest gradient,
-            # or |g| / max(|x|, eps), the size of the two terms that cancel in it.
-            g = rows.grad.unsqueeze(dim).abs()
-            scale = want.abs().amax(dim, keepdim=True) + g / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(eps)
-            assert ((got.double() - want).abs() <= tol * scale).all(), (got, want)
+    check_cosine_against_reference(student, teacher, dim, eps, reduction, teacher_grad, upstream=_upstream)
 
 
 COSINE_SHAPES = [
