@@ -65,7 +65,11 @@ DEMO_SEEDS = 3
 # pycosdist.denoise.realspeech (never a valid or test speaker); synth's default, chosen on the valid
 # speakers (bench/results/realspeech_recipe/real_training_speech.md).
 DEMO_REAL_UTTS = REAL_UTTS_PER_SPEAKER
-DEMO_STUDENT_BUDGET = {"train": {"epochs": 4}, "data": {"segment_seconds": 1.0}, "kd": {"teacher_cache": True}}
+# Batch 2 (8 in the full recipe): 4x the optimizer steps at about the same cost per epoch; chosen on
+# the valid speakers among batch 2, 4 and 8, lr 3e-3 and 6e-3, 6 epochs and student_half
+# (bench/results/realspeech_recipe/student_budget.md).
+DEMO_STUDENT_BUDGET = {"train": {"epochs": 4, "batch_size": 2}, "data": {"segment_seconds": 1.0},
+                       "kd": {"teacher_cache": True}}
 
 
 def demo_config(kind: str) -> dict:
@@ -121,12 +125,12 @@ def gains_markdown(gains: list[dict]) -> str:
             return "-"
         return f"[{g[f'{over}_ci_low']:+.3f}, {g[f'{over}_ci_high']:+.3f}]"
 
-    lines = ["| method | PESQ gain over no KD | 95% CI over seeds | seeds | 95% CI over test files | files |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | metric | gain over no KD | 95% CI over seeds | seeds | 95% CI over test files | files |",
+             "|---|---|---|---|---|---|---|"]
     for g in gains:
         gain = "-" if g["gain"] is None else f"{g['gain']:+.3f}"
-        lines.append(f"| {g['method']} | {gain} | {ci(g, 'seeds')} | {g['seeds_n']} | {ci(g, 'files')} | "
-                     f"{g['files_n']} |")
+        lines.append(f"| {g['method']} | {g['metric'].upper()} | {gain} | {ci(g, 'seeds')} | {g['seeds_n']} | "
+                     f"{ci(g, 'files')} | {g['files_n']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,16 +167,15 @@ def method_gain_rows(rows: list[dict], eval_dir, methods) -> list[dict]:
 
 
 # --- the demo --------------------------------------------------------------------------------------
-def _real_training_speech(wanted: bool, log) -> dict:
-    """The corpus arguments that add recorded training voices, when wanted and installed."""
-    from .realspeech import KTUBERLING_DIR
-
-    if not wanted:
+def _real_training_speech(source_dir, log) -> dict:
+    """The corpus arguments that add the recorded training voices of ``source_dir`` (None: none),
+    when it is installed."""
+    if source_dir is None:
         return {}
-    if not KTUBERLING_DIR.is_dir():
-        log(f"note: {KTUBERLING_DIR} is missing (apt-get install ktuberling-data): training on synthetic voices only")
+    if not Path(source_dir).is_dir():
+        log(f"note: {source_dir} is missing (apt-get install ktuberling-data): training on synthetic voices only")
         return {}
-    return {"real_speech_dir": KTUBERLING_DIR, "real_utts_per_speaker": DEMO_REAL_UTTS}
+    return {"real_speech_dir": source_dir, "real_utts_per_speaker": DEMO_REAL_UTTS}
 
 
 def default_student_workers() -> int:
@@ -214,10 +217,11 @@ def train_concurrently(jobs: dict, corpus_dir, workers: int) -> dict:
 def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, seeds: int = DEMO_SEEDS,
              corpus_kwargs: dict | None = None, teacher_overrides: dict | None = None,
              student_overrides: dict | None = None, real_speech: bool = True,
-             student_workers: int | None = None) -> dict:
+             student_workers: int | None = None, real_speech_dir=None) -> dict:
     """Runs the whole demo (see the module docstring); returns the results dict. ``corpus_kwargs``,
     ``teacher_overrides``, ``student_overrides`` (training-config sections) shrink it for tests;
-    ``real_speech=False`` skips the real-speech tables and the recorded training voices.
+    ``real_speech=False`` skips the real-speech tables and the recorded training voices;
+    ``real_speech_dir`` is the recordings' folder (default: ktuberling-data's).
     ``student_workers``: student runs trained at once (default :func:`default_student_workers`);
     with more than one, their progress is logged as epoch lines on stdout."""
     from . import data, synth, training
@@ -235,7 +239,10 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
         log(f"== {name}: {timings[name]:.1f} s")
         return result
 
-    corpus_kwargs = {**_real_training_speech(real_speech, log), **(corpus_kwargs or {})}
+    from .realspeech import KTUBERLING_DIR
+
+    real_speech_dir = (real_speech_dir or KTUBERLING_DIR) if real_speech else None
+    corpus_kwargs = {**_real_training_speech(real_speech_dir, log), **(corpus_kwargs or {})}
     corpus_dir = stage("synthesize corpus", lambda: synth.synthesize_corpus(work / "corpus", seed=0, **corpus_kwargs))
     teacher_dir = work / "runs" / "teacher"
     teacher_cfg = config_mod.merge(demo_config("teacher"), teacher_overrides or {})
@@ -286,7 +293,8 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
     stage("figures", figures)
     # Real human speech (issue 10): the teacher and every student (all seeds: one seed decides nothing).
     real = stage("evaluate on real speech", lambda: realspeech_report(
-        checkpoints, out, workers=workers, progress=progress, log=log)) if real_speech else None
+        checkpoints, out, workers=workers, progress=progress, log=log, source_dir=real_speech_dir,
+        student_seeds=seed_list)) if real_speech else None
     wall = round(time.perf_counter() - t_start, 1)
     gains = seed_paired_gains(work / "eval", DEMO_METHODS, seed_list)
     budget = demo_student_config("none", 0, teacher_ckpt)
@@ -296,8 +304,9 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
              + (f" and {len(recorded)} recorded speakers ({', '.join(recorded)}; never real-speech test speakers)"
                 if recorded else "") + ".\n\n"
              f"Student preset `{student_preset}`, {seeds} seeds per method (paired: same initialization and "
-             f"data order within a seed), each trained {budget['train']['epochs']} epochs on "
-             f"{budget['data']['segment_seconds']:g} s crops (the demo's budget); each row is its run's best.pt (best "
+             f"data order within a seed), each trained {budget['train']['epochs']} epochs in batches of "
+             f"{budget['train']['batch_size']} on {budget['data']['segment_seconds']:g} s crops (the demo's budget); "
+             "each row is its run's best.pt (best "
              f"validation {budget['train']['valid_metric']}).\n\n"
              "## Mean ± std over seeds\n\n" + method_means(rows, DEMO_METHODS)
              + "\n## KD gain over no KD (PESQ), 95% Student-t CIs\n\n" + gains_markdown(gains)
@@ -314,20 +323,23 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
 
 # --- the real-speech tables (issue 10) ---------------------------------------------------------------
 def realspeech_report(checkpoints: dict, out="report", workers: int = 2, progress: bool = True, log=print,
-                      seed: int = 0) -> dict | None:
+                      seed: int = 0, source_dir=None, student_seeds=()) -> dict | None:
     """Scores ``{label: checkpoint path}`` (plus the noisy input and spectral gating) on the
-    real-speech TEST set (:mod:`pycosdist.denoise.realspeech`, built once under ``<out>/work/realtest``):
-    one table for stationary noises, one for the babble interferer, each with a gains table (paired
-    per-file differences ± standard error). Writes ``<out>/realspeech/{stationary,babble}/results.*``
-    and ``<out>/realspeech/results.md``; returns ``{subset: {"rows", "gains"}}``, or None (with a
-    message) when the recordings (Debian's ``ktuberling-data``) are not installed."""
+    real-speech TEST set (:mod:`pycosdist.denoise.realspeech`, from the recordings in ``source_dir``,
+    default ktuberling-data's; built once under ``<out>/work/realtest``): one table for stationary
+    noises, one for the babble interferer, each with a gains table (paired per-file differences ±
+    standard error), and with ``student_seeds`` (the demo students' seeds) each KD method's PESQ and
+    STOI gain over no KD with 95% CIs. Writes ``<out>/realspeech/{stationary,babble}/results.*`` and
+    ``<out>/realspeech/results.md``; returns ``{subset: {"rows", "gains", "method_gains", "kd_gains"}}``,
+    or None (with a message) when the recordings are not installed."""
     from . import data, realspeech
     from .report import GAIN_COLUMNS, gain_rows, markdown_table
 
     out = Path(out)
     try:
         # The demo's own work folder: a set made by an older version (other speakers) is rebuilt.
-        root = realspeech.build_realtest(out / "work" / "realtest", seed=seed, split="test", overwrite=True)
+        root = realspeech.build_realtest(out / "work" / "realtest", seed=seed, split="test", overwrite=True,
+                                         source_dir=source_dir or realspeech.KTUBERLING_DIR)
     except FileNotFoundError as e:
         log(f"real-speech tables skipped: {e}")
         return None
@@ -338,8 +350,10 @@ def realspeech_report(checkpoints: dict, out="report", workers: int = 2, progres
                                     workers=workers, progress=progress)
         gains = gain_rows(rows, eval_dir)
         per_method = method_gain_rows(rows, eval_dir, DEMO_METHODS)
-        write_results(out / "realspeech" / subset, rows, {"gains": gains, "method_gains": per_method, "subset": subset})
-        results[subset] = {"rows": rows, "gains": gains, "method_gains": per_method}
+        kd_gains = [g for metric in ("pesq", "stoi") for g in seed_paired_gains(eval_dir, DEMO_METHODS, student_seeds,
+                                                                                 metric=metric)] if student_seeds else []
+        results[subset] = {"rows": rows, "gains": gains, "method_gains": per_method, "kd_gains": kd_gains}
+        write_results(out / "realspeech" / subset, rows, {**results[subset], "subset": subset})
         title = ("white/pink/brown noise (generated, stationary)" if subset == "stationary"
                  else "babble of other real speakers (speech-like interferer)")
         md += [f"\n## {subset}: {title}, SNR 0/5/10 dB, {rows[0]['n_ok']} files\n\n", markdown_table(rows),
@@ -347,6 +361,8 @@ def realspeech_report(checkpoints: dict, out="report", workers: int = 2, progres
                markdown_table(gains, GAIN_COLUMNS),
                "\nPer method over its seeds: mean of the per-seed gains (worst .. best seed):\n\n",
                markdown_table(per_method, METHOD_GAIN_COLUMNS)]
+        if kd_gains:
+            md += ["\nKD gain over no KD (paired by seed), 95% Student-t CIs:\n\n", gains_markdown(kd_gains)]
         log(f"\nreal speech, {subset}:\n" + text_table(rows) + "\n" + text_table(gains, GAIN_COLUMNS))
     (out / "realspeech").mkdir(parents=True, exist_ok=True)
     from .audio import write_text_atomic

@@ -255,3 +255,38 @@ def test_method_gain_rows_summarize_each_methods_seeds(built, tmp_path):
     per_seed = [report.paired_gain(tmp_path, "noisy", f"student m seed{k}", "stoi")[0] for k in (0, 1)]
     assert summary["seeds"] == 2 and summary["pesq_vs_gating"] is None  # no gating row scored
     assert summary["stoi_vs_noisy"] == f"{np.mean(per_seed):+.3f} ({min(per_seed):+.3f} .. {max(per_seed):+.3f})"
+
+
+def test_demo_with_real_speech_end_to_end(source, tmp_path):
+    """The demo on the fake recordings: recorded voices of the train speakers in the training corpus
+    only, both real-speech tables for every student, and the KD gains over no KD on real speech."""
+    from pycosdist.denoise import demo
+
+    tiny_train = {"epochs": 1, "batch_size": 2, "threads": 1, "eval_workers": 0}
+    small_data = {"segment_seconds": 0.5, "valid_speakers": 1}
+    out = tmp_path / "report"
+    result = demo.run_demo(
+        out, progress=False, workers=0, log=lambda *_: None, seeds=2, student_workers=1, real_speech_dir=source,
+        corpus_kwargs={"n_train_speakers": 3, "n_test_speakers": 1, "utts_per_speaker": 2, "test_utts_per_speaker": 2,
+                       "real_utts_per_speaker": 1},
+        teacher_overrides={"model": {"channels": [6, 8], "kernel_size": [3, 3], "bottleneck_layers": 1},
+                           "train": tiny_train, "data": small_data},
+        student_overrides={"train": tiny_train, "data": small_data})
+    manifest = json.loads((out / "work" / "corpus" / "manifest.json").read_text())
+    recorded = {v["source"].rsplit("/", 1)[-1] for v in manifest["speakers"].values() if "source" in v}
+    train_speakers = set(realspeech.split_speakers(realspeech.find_speakers(source), "train"))
+    assert NOISY in train_speakers and recorded == train_speakers - {NOISY}  # noisy recordings are left out
+    test_speakers = set(realspeech.split_speakers(realspeech.find_speakers(source), "test"))
+    md = (out / "realspeech" / "results.md").read_text()
+    for subset in realspeech.SUBSETS:
+        sub = result["realspeech"][subset]
+        names = data.load_corpus(out / "work" / "realtest" / subset).test.names
+        assert names and {n.rsplit("_", 1)[0] for n in names} <= test_speakers
+        students = [r["model"] for r in sub["rows"] if r["model"].startswith("student ")]
+        assert sorted(students) == sorted(f"student {m} seed{k}" for m in demo.DEMO_METHODS for k in (0, 1))
+        want = [g for metric in ("pesq", "stoi") for g in demo.seed_paired_gains(
+            out / "work" / "eval_realspeech" / subset, demo.DEMO_METHODS, [0, 1], metric=metric)]
+        assert sub["kd_gains"] == want and len(want) == 4 and all(g["seeds_n"] == 2 for g in want)
+        saved = json.loads((out / "realspeech" / subset / "results.json").read_text())
+        assert saved["kd_gains"] == json.loads(json.dumps(want))
+    assert md.count("KD gain over no KD") == 2 and "| cosine_lib | STOI |" in md

@@ -40,3 +40,13 @@ for s in 0 1 2; do
 done
 $P teacher_valid.py 6 /work/runs/realtrain/corpus_real40
 $P teacher_valid.py 8 /work/runs/realtrain/corpus_real40
+# The students' budget (student_budget.md), on the demo corpus, two runs side by side:
+C=/work/runs/realtrain/corpus_real40
+B='"loss":{"sisdr_weight":0.02},"train":{"valid_metric":"loss"'
+for s in 0 1 2; do
+  $P explore.py bs4 "{$B,\"batch_size\":4}}" $s $C & $P explore.py lr6 "{$B,\"lr\":6e-3}}" $s $C; wait
+  $P explore.py e6 "{$B,\"epochs\":6}}" $s $C & $P explore.py half "{$B},\"model\":{\"preset\":\"student_half\"}}" $s $C; wait
+done
+for s in 0 1 2; do
+  $P explore.py bs2 "{$B,\"batch_size\":2}}" $s $C & $P explore.py bs4_lr6 "{$B,\"batch_size\":4,\"lr\":6e-3}}" $s $C; wait
+done
