@@ -20,7 +20,6 @@ One seed decides nothing: a single run's gain flipped sign between two machines.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -182,10 +181,9 @@ def default_student_workers() -> int:
     """Student runs trained at once: 2 on a CPU with at least 2 cores (a small student's step cannot
     keep 2 cores busy: measured on 2 cores, two 1-thread runs side by side finish a cosine_lib and a
     no-KD student in 58 s where one 2-thread run after the other takes 74 s), else 1."""
-    import torch
+    from .training import available_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 2 if cores >= 2 and not torch.cuda.is_available() else 1
+    return 2 if available_cores() >= 2 and not torch.cuda.is_available() else 1
 
 
 def _train_in_worker(cfg: dict, corpus_dir, run_dir, label: str) -> dict:
@@ -201,12 +199,14 @@ def train_concurrently(jobs: dict, corpus_dir, workers: int) -> dict:
     """Trains ``{label: (config, run folder)}`` in ``workers`` fresh processes (spawned: the parent's
     torch thread pools are not fork-safe), each with its share of the cores as torch threads, in
     the order given; returns ``{label: training summary + "seconds"}``. Every run resumes from its
-    folder, so a stopped demo continues where each run stopped."""
+    folder, so a stopped demo continues where each run stopped. As with any spawned worker, a script
+    that calls this (or :func:`run_demo`) must do so under ``if __name__ == "__main__":``."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // workers)
+    from .training import available_cores
+
+    threads = max(1, available_cores() // workers)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {label: pool.submit(_train_in_worker, config_mod.merge(cfg, {"train": {"threads": threads}}),
                                       corpus_dir, run_dir, label)
@@ -256,8 +256,9 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
     for seed in seed_list:
         for method in DEMO_METHODS:
             cfg = config_mod.merge(demo_student_config(method, seed, teacher_ckpt), student_overrides or {})
-            jobs[_student_label(method, seed)] = (cfg, work / "runs" / f"student_{method}_seed{seed}")
-            checkpoints[_student_label(method, seed)] = jobs[_student_label(method, seed)][1] / "best.pt"
+            label, run_dir = _student_label(method, seed), work / "runs" / f"student_{method}_seed{seed}"
+            jobs[label] = (cfg, run_dir)
+            checkpoints[label] = run_dir / "best.pt"
     student_workers = default_student_workers() if student_workers is None else student_workers
     if student_workers <= 1:
         for label, (cfg, run_dir) in jobs.items():

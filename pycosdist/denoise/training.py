@@ -79,10 +79,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_threads(threads: int) -> int:
     """torch intra-op threads: ``threads`` or, for 0, one per available core. Returns the count."""
     if threads <= 0:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = available_cores()
     torch.set_num_threads(threads)
     return threads
 
@@ -177,8 +182,7 @@ def loader_workers(device: torch.device) -> int:
     computes, sharing the cores with the other processes of the node (torchrun's LOCAL_WORLD_SIZE)."""
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+    return max(1, min(4, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 # --- distributed -----------------------------------------------------------------------------------
