@@ -45,10 +45,12 @@ def main():
         eval_dir = out / "eval" / name
         rows = evaluate_checkpoints(checkpoints, data.load_corpus(root).test, eval_dir, workers=2)
         gains = [g for m in ("pesq", "stoi") for g in demo.seed_paired_gains(eval_dir, demo.DEMO_METHODS, seeds, metric=m)]
-        summary[name] = {"gains": gains, "method_means": demo.method_means(rows, demo.DEMO_METHODS)}
-        write_results(out / name, rows, {"kd_gains": gains})
+        per_seed = demo.method_gain_rows(rows, eval_dir, demo.DEMO_METHODS)
+        summary[name] = {"kd_gains": gains, "method_gains": per_seed}
+        write_results(out / name, rows, summary[name])
         md += [f"\n## {name} ({rows[0]['n_ok']} files)\n\n", demo.method_means(rows, demo.DEMO_METHODS), "\n",
-               demo.gains_markdown(gains)]
+               demo.gains_markdown(gains), "\nPer method: mean of the per-seed gains (worst .. best seed):\n\n",
+               markdown_table(per_seed, demo.METHOD_GAIN_COLUMNS)]
     (out / "results.md").write_text("".join(md))
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print("".join(md))
