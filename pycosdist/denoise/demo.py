@@ -177,43 +177,6 @@ def _real_training_speech(source_dir, log) -> dict:
     return {"real_speech_dir": source_dir, "real_utts_per_speaker": DEMO_REAL_UTTS}
 
 
-def default_student_workers() -> int:
-    """Student runs trained at once: 2 on a CPU with at least 2 cores (a small student's step cannot
-    keep 2 cores busy: measured on 2 cores, two 1-thread runs side by side finish a cosine_lib and a
-    no-KD student in 58 s where one 2-thread run after the other takes 74 s), else 1."""
-    from .training import available_cores
-
-    return 2 if available_cores() >= 2 and not torch.cuda.is_available() else 1
-
-
-def _train_in_worker(cfg: dict, corpus_dir, run_dir, label: str) -> dict:
-    """One student run in a worker process of :func:`train_concurrently`; its log lines carry its label."""
-    from . import training
-
-    t0 = time.perf_counter()
-    summary = training.train(cfg, corpus_dir, run_dir, progress=False, log=lambda m: print(f"[{label}] {m}", flush=True))
-    return {**summary, "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def train_concurrently(jobs: dict, corpus_dir, workers: int) -> dict:
-    """Trains ``{label: (config, run folder)}`` in ``workers`` fresh processes (spawned: the parent's
-    torch thread pools are not fork-safe), each with its share of the cores as torch threads, in
-    the order given; returns ``{label: training summary + "seconds"}``. Every run resumes from its
-    folder, so a stopped demo continues where each run stopped. As with any spawned worker, a script
-    that calls this (or :func:`run_demo`) must do so under ``if __name__ == "__main__":``."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    from .training import available_cores
-
-    threads = max(1, available_cores() // workers)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {label: pool.submit(_train_in_worker, config_mod.merge(cfg, {"train": {"threads": threads}}),
-                                      corpus_dir, run_dir, label)
-                   for label, (cfg, run_dir) in jobs.items()}
-        return {label: future.result() for label, future in futures.items()}
-
-
 def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, seeds: int = DEMO_SEEDS,
              corpus_kwargs: dict | None = None, teacher_overrides: dict | None = None,
              student_overrides: dict | None = None, real_speech: bool = True,
@@ -222,8 +185,10 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
     ``teacher_overrides``, ``student_overrides`` (training-config sections) shrink it for tests;
     ``real_speech=False`` skips the real-speech tables and the recorded training voices;
     ``real_speech_dir`` is the recordings' folder (default: ktuberling-data's).
-    ``student_workers``: student runs trained at once (default :func:`default_student_workers`);
-    with more than one, their progress is logged as epoch lines on stdout."""
+    ``student_workers``: student runs trained at once (default
+    :func:`pycosdist.denoise.training.concurrent_runs`); with more than one, their progress is logged
+    as epoch lines on stdout, and a script that calls this must do so under
+    ``if __name__ == "__main__":`` (the workers are spawned)."""
     from . import data, synth, training
 
     t_start = time.perf_counter()
@@ -259,7 +224,7 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
             label, run_dir = _student_label(method, seed), work / "runs" / f"student_{method}_seed{seed}"
             jobs[label] = (cfg, run_dir)
             checkpoints[label] = run_dir / "best.pt"
-    student_workers = default_student_workers() if student_workers is None else student_workers
+    student_workers = training.concurrent_runs() if student_workers is None else student_workers
     if student_workers <= 1:
         for label, (cfg, run_dir) in jobs.items():
             method, seed = cfg["kd"]["method"], cfg["train"]["seed"]
@@ -267,7 +232,7 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
                 cfg, corpus_dir, run_dir, progress=progress, log=log))
     else:
         student_runs = stage(f"distill {len(jobs)} students, {student_workers} at a time",
-                             lambda: train_concurrently(jobs, corpus_dir, student_workers))
+                             lambda: training.train_concurrently(jobs, corpus_dir, student_workers))
         for label, summary in student_runs.items():
             runs[label] = summary
             timings[f"{label} (concurrent)"] = summary["seconds"]

@@ -20,7 +20,9 @@ has the sections:
   factors; each LIB method (``cosine_lib``, ``mse_lib``) runs once per factor; the variant is named
   ``<method>_e<e>`` except at the default e = 4, which keeps the plain name), ``seeds`` (count:
   seeds 0..N-1), ``corpus`` (an existing corpus root; empty: synthesize one into ``OUT/corpus``),
-  ``eval_workers``, ``effect`` (the PESQ difference the power column is sized for).
+  ``eval_workers``, ``train_workers`` (student runs trained at once, each on its share of the
+  cores; 0: :func:`pycosdist.denoise.training.concurrent_runs`, 2 on a multi-core CPU), ``effect``
+  (the PESQ difference the power column is sized for).
 - ``[corpus]``: :func:`pycosdist.synth.synthesize_corpus` arguments for the synthesized corpus.
 - ``[lambda]``: KD weight per method (``kd.lambda`` of its runs).
 - ``[tuning]``: ``factors`` (empty: no tuning) and ``seeds``. With factors, every KD variant first
@@ -67,6 +69,7 @@ EXPERIMENT_DEFAULTS: dict[str, dict] = {
         "seeds": 3,
         "corpus": "",
         "eval_workers": 2,
+        "train_workers": 0,
         "effect": 0.03,
     },
     "corpus": {"n_train_speakers": 8, "n_test_speakers": 2, "utts_per_speaker": 25, "test_utts_per_speaker": 15,
@@ -163,6 +166,9 @@ def _check(cfg: dict) -> None:
         raise ValueError(f"experiment.seeds: expected >= 1, got {ex['seeds']}")
     if ex["eval_workers"] < 0:
         raise ValueError(f"experiment.eval_workers: expected >= 0 (0: evaluate in this process), got {ex['eval_workers']}")
+    if ex["train_workers"] < 0:
+        raise ValueError(f"experiment.train_workers: expected >= 0 (0: automatic, 1: one run at a time), "
+                         f"got {ex['train_workers']}")
     if not ex["effect"] > 0:
         raise ValueError(f"experiment.effect: expected a PESQ difference > 0, got {ex['effect']}")
     for f in tune["factors"]:
@@ -397,13 +403,16 @@ def tune_lambdas(cfg: dict, corpus_dir, teacher_ckpt, out: Path, progress: bool,
             if not factors:
                 chosen[(scenario, label)] = base
                 continue
+            plans = {(f, k): (student_config(cfg, scenario, method, TUNING_SEED0 + k, teacher_ckpt, e, base * f),
+                              out / "tune" / scenario / label / f"x{f:g}" / f"seed{TUNING_SEED0 + k}")
+                     for f in factors for k in range(n_seeds)}
+            train_together(list(plans.values()), corpus_dir, cfg, f"tuning {scenario} / {label}", log)
             scores = {}
             for f in factors:
                 for k in range(n_seeds):
-                    run_dir = out / "tune" / scenario / label / f"x{f:g}" / f"seed{TUNING_SEED0 + k}"
+                    planned, run_dir = plans[(f, k)]
                     log(f"== tuning {scenario} / {label} / lambda {base * f:g} / seed {TUNING_SEED0 + k}")
-                    summary = training.train(student_config(cfg, scenario, method, TUNING_SEED0 + k, teacher_ckpt, e,
-                                                            base * f), corpus_dir, run_dir, progress=progress, log=log)
+                    summary = training.train(planned, corpus_dir, run_dir, progress=progress, log=log)
                     score = summary["best"]["score"] if summary["best"] else float("nan")
                     scores.setdefault(f, []).append(score)
                     rows.append({"scenario": scenario, "variant": label, "factor": f, "lambda": base * f,
@@ -415,6 +424,28 @@ def tune_lambdas(cfg: dict, corpus_dir, teacher_ckpt, out: Path, progress: bool,
                 if (r["scenario"], r["variant"]) == (scenario, label):
                     r["chosen"] = r["factor"] == best
     return chosen, rows
+
+
+def train_together(plans: list[tuple[dict, Path]], corpus_dir, cfg: dict, what: str, log) -> None:
+    """Trains the unfinished ``(config, run folder)`` plans ``experiment.train_workers`` at a time
+    (:func:`pycosdist.denoise.training.train_concurrently`); with one worker, or one plan, it leaves
+    them to the caller's own ``training.train`` calls, which then resume finished runs at once."""
+    from . import training
+
+    workers = cfg["experiment"]["train_workers"] or training.concurrent_runs()
+    pending = {"/".join(run_dir.parts[-4:]): (planned, run_dir) for planned, run_dir in plans
+               if not _run_finished(run_dir, planned["train"]["epochs"])}
+    if workers > 1 and len(pending) > 1:
+        log(f"== {what}: training {len(pending)} runs, {workers} at a time")
+        training.train_concurrently(pending, corpus_dir, workers)
+
+
+def _run_finished(run_dir: Path, epochs: int) -> bool:
+    """Whether ``run_dir`` holds a run that has trained all its ``epochs``."""
+    from .training import load_checkpoint
+
+    last = run_dir / "last.pt"
+    return last.is_file() and load_checkpoint(last)["epoch"] >= epochs
 
 
 def _finished_cell(run_dir: Path, planned: dict) -> dict:
@@ -507,9 +538,14 @@ def run_experiment(cfg: dict, out, progress: bool = False, log=print) -> dict:
 
     runs = []
     cells = [(k, s, v) for k in range(ex["seeds"]) for s in ex["scenarios"] for v in variants(cfg)]
+    plans = [(student_config(cfg, scenario, method, seed, teacher_ckpt, e, lambdas.get((scenario, label))),
+              out / "runs" / scenario / label / f"seed{seed}") for seed, scenario, (label, method, e) in cells]
     for i, (seed, scenario, (label, method, e)) in enumerate(cells, 1):
-        run_dir = out / "runs" / scenario / label / f"seed{seed}"
-        planned = student_config(cfg, scenario, method, seed, teacher_ckpt, e, lambdas.get((scenario, label)))
+        planned, run_dir = plans[i - 1]
+        if i == 1 or seed != cells[i - 2][0]:  # a new seed: its unevaluated cells train together first
+            train_together([p for p, (k, _, _) in zip(plans, cells)
+                            if k == seed and not (p[1] / "eval" / "test_summary.json").is_file()],
+                           corpus_dir, cfg, f"seed {seed}", log)
         if not (run_dir / "eval" / "test_summary.json").is_file():
             t_cell = time.perf_counter()
             log(f"== cell {i}/{len(cells)}: {scenario} / {label} / seed {seed}")

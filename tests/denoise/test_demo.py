@@ -86,7 +86,7 @@ def test_concurrent_student_runs_match_runs_one_after_the_other(corpus, teacher_
     for method in ("none", "cosine_lib"):
         cfg = config.load_config(overrides=TINY + ["train.epochs=2", f"kd.method={method}", f"kd.teacher={teacher_ckpt}"])
         jobs[f"student {method}"] = (cfg, tmp_path / "concurrent" / method)
-    summaries = demo.train_concurrently(jobs, corpus, workers=2)
+    summaries = training.train_concurrently(jobs, corpus, workers=2)
     assert set(summaries) == set(jobs) and all(s["seconds"] > 0 for s in summaries.values())
     for label, (cfg, run_dir) in jobs.items():
         threads = training.load_checkpoint(run_dir / "last.pt")["config"]["train"]["threads"]

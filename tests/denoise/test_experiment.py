@@ -229,3 +229,23 @@ def test_ablation_contrasts_are_paired_by_seed():
     assert r["seeds"] == 5 and r["pesq_diff"] == pytest.approx((pesq("cosine_lib") - pesq("mse_lib")).mean())
     assert (r["pesq_ci_low"], r["pesq_ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
     assert "cosine vs MSE, both through the LIB" in experiment.contrasts_markdown(list(rows.values()))
+
+
+def test_cells_trained_together_match_cells_trained_one_at_a_time(done, tmp_path):
+    """The fixture's experiment trained each seed's cells 2 at a time (experiment.train_workers = 0:
+    automatic) on this multi-core machine; one at a time, in this process, gives the same runs."""
+    if training.concurrent_runs() < 2:
+        pytest.skip("needs 2 CPU cores: with one, every experiment trains one run at a time")
+    logs = []
+    cfg = experiment.load_config(done / "tiny.toml", overrides={
+        "experiment": {"seeds": 2, "eval_workers": 0, "train_workers": 1, "corpus": str(done / "out" / "corpus")}})
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "teacher").symlink_to(done / "out" / "teacher")  # the same teacher
+    experiment.run_experiment(cfg, tmp_path / "one", log=logs.append)
+    assert not any("at a time" in m for m in logs)
+    together, alone = _read(done / "out" / "runs.csv"), _read(tmp_path / "one" / "runs.csv")
+    assert [(r["scenario"], r["variant"], r["seed"]) for r in together] == \
+           [(r["scenario"], r["variant"], r["seed"]) for r in alone]
+    for a, b in zip(together, alone):
+        for m in ("pesq", "stoi", "si_sdr"):
+            assert float(a[m]) == pytest.approx(float(b[m]), rel=1e-4, abs=1e-4), (a, b)

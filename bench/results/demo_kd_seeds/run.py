@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from pycosdist.denoise import data, demo
+from pycosdist.denoise import data, demo, training
 from pycosdist.denoise.report import evaluate_checkpoints, markdown_table, write_results
 
 
@@ -36,7 +36,7 @@ def main():
             if not (run_dir / "best.pt").is_file():
                 jobs[label] = (demo.demo_student_config(method, seed, teacher), run_dir)
     if jobs:
-        demo.train_concurrently(jobs, corpus, demo.default_student_workers())
+        training.train_concurrently(jobs, corpus, training.concurrent_runs())
 
     sets = {"test_stationary": work / "realtest" / "stationary", "test_babble": work / "realtest" / "babble",
             "valid_stationary": valid_root / "stationary", "valid_babble": valid_root / "babble"}
