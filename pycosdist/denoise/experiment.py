@@ -540,13 +540,17 @@ def run_experiment(cfg: dict, out, progress: bool = False, log=print) -> dict:
     cells = [(k, s, v) for k in range(ex["seeds"]) for s in ex["scenarios"] for v in variants(cfg)]
     plans = [(student_config(cfg, scenario, method, seed, teacher_ckpt, e, lambdas.get((scenario, label))),
               out / "runs" / scenario / label / f"seed{seed}") for seed, scenario, (label, method, e) in cells]
+    per_seed = len(cells) // ex["seeds"]  # cells are seed-major
+
+    def evaluated_cell(run_dir: Path) -> bool:
+        return (run_dir / "eval" / "test_summary.json").is_file()
+
     for i, (seed, scenario, (label, method, e)) in enumerate(cells, 1):
         planned, run_dir = plans[i - 1]
-        if i == 1 or seed != cells[i - 2][0]:  # a new seed: its unevaluated cells train together first
-            train_together([p for p, (k, _, _) in zip(plans, cells)
-                            if k == seed and not (p[1] / "eval" / "test_summary.json").is_file()],
+        if (i - 1) % per_seed == 0:  # a seed's first cell: the seed's unevaluated cells train together first
+            train_together([p for p in plans[i - 1:i - 1 + per_seed] if not evaluated_cell(p[1])],
                            corpus_dir, cfg, f"seed {seed}", log)
-        if not (run_dir / "eval" / "test_summary.json").is_file():
+        if not evaluated_cell(run_dir):
             t_cell = time.perf_counter()
             log(f"== cell {i}/{len(cells)}: {scenario} / {label} / seed {seed}")
             training.train(planned, corpus_dir, run_dir, progress=progress, log=log)
