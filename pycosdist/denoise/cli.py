@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "DIR: /usr/share/ktuberling/sounds), never those of `data realtest`'s valid or test sets")
     s.add_argument("--real-utts", type=int, default=None,
                    help="utterances per recorded training speaker (default: 40, synth.REAL_UTTS_PER_SPEAKER)")
+    s.add_argument("--extra-speech", type=Path, action="append", default=[], metavar="DIR",
+                   help="more recorded TRAINING voices: every speaker (sub-folder) of DIR, e.g. "
+                   "/usr/share/games/hedgewars/Data/Sounds/voices (repeatable)")
+    s.add_argument("--extra-utts", type=int, default=20, help="utterances per --extra-speech speaker")
+    s.add_argument("--noise-root", type=Path, action="append", default=None, metavar="ROOT",
+                   help="mix recorded noise from the Debian packages of recorded_noise.SOURCES installed under ROOT "
+                   "(/ for apt-get installed ones, or a folder of packages unpacked with dpkg-deb -x; repeatable)")
+    s.add_argument("--recorded-fraction", type=float, default=0.6,
+                   help="share of files with recorded noise when --noise-root is given (default 0.6)")
+    s.add_argument("--noise-cache", type=Path, default=None, metavar="DIR",
+                   help="keep the decoded recorded noise here between builds")
     s = dsub.add_parser("prepare", help="make 16 kHz copies of a VoiceBank+DEMAND corpus")
     s.add_argument("root", type=Path)
     s = dsub.add_parser("realtest", help="real-speech evaluation set: recorded human voices (Debian's ktuberling-data) "
@@ -204,7 +215,10 @@ def main(argv=None) -> int:
                 real_dir = KTUBERLING_DIR if args.real_speech is True else args.real_speech  # bare flag: the default
                 out = synthesize_corpus(args.out, n_train_speakers=args.train_speakers, n_test_speakers=args.test_speakers,
                                         utts_per_speaker=args.utts, test_utts_per_speaker=args.test_utts, seed=args.seed,
-                                        real_speech_dir=real_dir, real_utts_per_speaker=args.real_utts)
+                                        real_speech_dir=real_dir, real_utts_per_speaker=args.real_utts,
+                                        extra_speech_dirs=args.extra_speech, extra_utts_per_speaker=args.extra_utts,
+                                        noise_roots=args.noise_root, recorded_fraction=args.recorded_fraction,
+                                        noise_cache=args.noise_cache)
                 print(f"corpus written to {out}")
             elif args.data_command == "realtest":
                 from . import realspeech

@@ -31,6 +31,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, AudioError, read_audio, to_mono_16k, write_audio, write_text_atomic
 from .data import SPLIT_DIRS, SUFFIX_16K
+from .generated_noise import make_noise, mix_at_snr
 
 KTUBERLING_DIR = Path("/usr/share/ktuberling/sounds")
 STATIONARY_NOISES = ("white", "pink", "brown")  # generated: see the module docstring
@@ -43,7 +44,10 @@ TRAIN_SPEAKERS = 6  # speakers whose recordings may be training speech; the rest
 # reach this. (ktuberling: gl 12 dB, sr 14 dB, nl 18 dB fail; the others have 25-86 dB.)
 MIN_DYNAMIC_RANGE_DB = 20.0
 SPLITS = ("test", "valid")  # the evaluation sets; "train" speakers only feed training_utterances
-SUBSETS = ("stationary", "babble")
+SUBSETS = ("stationary", "babble", "recorded")
+# Where the held-out evaluation noise (recorded_noise.SOURCES with role "eval": Wesnoth's recorded
+# ambiences) is looked for by default: installed with `apt-get install wesnoth-1.16-data`.
+NOISE_ROOTS = ("/",)
 MANIFEST = "manifest.json"
 PARAMS = ".params.json"  # written first, so that a resumed build can check it continues the same set
 AUDIO_SUFFIXES = (".ogg", ".wav", ".flac")
@@ -132,6 +136,16 @@ def training_utterances(source_dir=KTUBERLING_DIR, seed: int = 0, utts_per_speak
     return [(spk, " ".join(words), x) for _, spk, words, x in utts]
 
 
+def folder_utterances(source_dir, seed: int = 0, utts_per_speaker: int = 10, words_per_utt: int = 4,
+                      exclude=()) -> list[tuple[str, str, np.ndarray]]:
+    """Clean utterances of EVERY speaker of a folder used for training only (e.g. Hedgewars' voice
+    packs, ``/usr/share/games/hedgewars/Data/Sounds/voices``; one sub-folder per speaker), speakers
+    named in ``exclude`` left out: [(speaker, words, float64 16 kHz)], built as :func:`build_realtest` does."""
+    speakers = {k: v for k, v in find_speakers(source_dir).items() if k not in set(exclude)}
+    utts, _ = _utterances(speakers, int(seed), int(utts_per_speaker), int(words_per_utt))
+    return [(spk, " ".join(words), x) for _, spk, words, x in utts]
+
+
 def _utterances(speakers: dict[str, list[Path]], seed: int, utts_per_speaker: int, words_per_utt: int):
     """[(name, speaker, words, clean float64)] (each speaker's words shuffled and taken in turn) and
     ``{speaker: reason}`` for the speakers left out."""
@@ -186,8 +200,18 @@ def _check_params(params: dict, out_dir: Path, overwrite: bool) -> bool:
     return False
 
 
+def eval_noise_bank(split: str, noise_roots=NOISE_ROOTS):
+    """The held-out recorded noise of ``split`` ("valid" or "test"; recordings no training corpus
+    uses), or None when its package is not installed under any of ``noise_roots``."""
+    from . import recorded_noise
+
+    sources = [s for s in recorded_noise.SOURCES if s.role == "eval"]
+    recordings = [r for r in recorded_noise.find_recordings(noise_roots, sources) if r.split == split]
+    return recorded_noise.load_bank(recordings, split) if recordings else None
+
+
 def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str = "test", utts_per_speaker: int = 3,
-                   words_per_utt: int = 5, snrs=REAL_SNRS, overwrite: bool = False) -> Path:
+                   words_per_utt: int = 5, snrs=REAL_SNRS, overwrite: bool = False, noise_roots=NOISE_ROOTS) -> Path:
     """Writes the real-speech evaluation set (see the module docstring) to ``out_dir``; returns it.
 
     ``split``: "test" (the set to report) or "valid" (:data:`VALID_SPEAKERS` other speakers, to
@@ -195,7 +219,11 @@ def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str
 
     Utterance ``i`` gets stationary noise ``STATIONARY_NOISES[i % 3]`` and SNR ``snrs[(i // 3) %
     len(snrs)]``, so every (noise, SNR) pair occurs; its babble twin has the same SNR. Clean and
-    noisy are scaled together to -30..-20 dBFS clean RMS and never clip. Files already written
+    noisy are scaled together to -30..-20 dBFS clean RMS and never clip. Its ``recorded`` twin gets
+    an excerpt of held-out recorded ambience ``i % k`` of the ``k`` recordings of ``split``
+    (:func:`eval_noise_bank`; fire, waves and creaking, insects at night... never used in training)
+    at the same SNR; without that package (``apt-get install wesnoth-1.16-data``) the recorded
+    subset is left out and the manifest says so. Files already written
     are kept (each follows from ``seed`` and its index alone); a folder made with other
     parameters raises unless ``overwrite=True``.
     """
@@ -215,6 +243,9 @@ def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str
                   utts_per_speaker=int(utts_per_speaker),
                   words_per_utt=int(words_per_utt), snrs=snrs, stationary_noises=list(STATIONARY_NOISES),
                   sample_rate=SAMPLE_RATE)
+    bank = eval_noise_bank(split, noise_roots)
+    if bank is not None:  # only then, so that sets built without the package stay valid
+        params["recorded_noise"] = sorted(name for recs in bank.recordings.values() for name, _ in recs)
     if _check_params(params, out_dir, overwrite):
         return out_dir
 
@@ -222,8 +253,6 @@ def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str
     if len({u[1] for u in utts}) < 2:
         raise ValueError(f"source_dir: {source_dir} needs at least 2 {split} speakers with >= {words_per_utt} usable, "
                          f"clean recordings each (babble is made of other speakers); left out: {excluded}")
-    from .synth import make_noise, mix_at_snr
-
     files = []
     for i, (name, spk, words, clean) in enumerate(utts):
         rng = np.random.default_rng([seed, 7_000_003, i])
@@ -232,6 +261,10 @@ def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str
         clean = clean * 10 ** (rng.uniform(-30, -20) / 20) / (np.sqrt(np.mean(clean ** 2)) + 1e-12)
         others = [u[3] for u in utts if u[1] != spk]
         noises = {"stationary": make_noise(kind, len(clean), rng), "babble": _babble_noise(len(clean), rng, others)}
+        recorded_name = None
+        if bank is not None:
+            family = bank.families[0]
+            noises["recorded"], recorded_name = bank.draw(family, i, len(clean), np.random.default_rng([seed, 7_000_019, i]))
         for subset, noise in noises.items():
             noisy = mix_at_snr(clean, noise, snr)
             scale = min(1.0, 0.99 / max(np.abs(noisy).max(), np.abs(clean).max()))
@@ -240,8 +273,12 @@ def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str
                 write_audio(clean_dir / f"{name}.wav", clean * scale, SAMPLE_RATE, subtype="PCM_16")
                 write_audio(noisy_dir / f"{name}.wav", noisy * scale, SAMPLE_RATE, subtype="PCM_16")
         files.append(dict(name=name, speaker=spk, words=words, stationary_noise=kind, snr_db=snr,
-                          seconds=round(len(clean) / SAMPLE_RATE, 3)))
+                          seconds=round(len(clean) / SAMPLE_RATE, 3),
+                          **({"recorded_noise": Path(recorded_name.split(":", 1)[1]).stem} if recorded_name else {})))
     manifest = dict(params=params, source="ktuberling-data (Debian), GPL-2+: words spoken by real people",
-                    speakers=sorted({f["speaker"] for f in files}), excluded_speakers=excluded, files=files)
+                    speakers=sorted({f["speaker"] for f in files}), excluded_speakers=excluded, files=files,
+                    subsets=[k for k in SUBSETS if k != "recorded" or bank is not None],
+                    recorded_noise=("wesnoth-1.16-data (Debian), GPL-2+: recorded ambiences held out of training"
+                                    if bank is not None else "left out: `apt-get install wesnoth-1.16-data`"))
     write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     return out_dir

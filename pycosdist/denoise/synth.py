@@ -27,8 +27,8 @@ import numpy as np
 from .audio import SAMPLE_RATE, to_mono_16k, write_audio, write_text_atomic
 from .augment import augment_speech
 from .data import SPLIT_DIRS, SUFFIX_16K
+from .generated_noise import NOISE_TYPES, make_noise, mix_at_snr
 
-NOISE_TYPES = ("white", "pink", "brown", "babble", "hum", "bursts", "speech_shaped", "traffic", "tones", "clicks")
 TRAIN_SNRS = (-5.0, 0.0, 5.0, 10.0, 15.0)
 TEST_SNRS = (2.5, 7.5, 12.5, 17.5)
 VOICES = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
@@ -136,127 +136,6 @@ def make_sentence(rng: np.random.Generator) -> str:
     return "".join(out) + rest
 
 
-# --- noises ----------------------------------------------------------------------------------
-def _colored(n: int, rng: np.random.Generator, alpha: float) -> np.ndarray:
-    """Noise with power spectrum ~ 1/f^alpha (flattened below 20 Hz so brown noise has no drift)."""
-    spec = np.fft.rfft(rng.standard_normal(n))
-    f = np.maximum(np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE), 20.0)
-    spec *= f ** (-alpha / 2)
-    spec[0] = 0
-    return np.fft.irfft(spec, n)
-
-
-def _hum(n: int, rng: np.random.Generator) -> np.ndarray:
-    f0 = rng.choice([50.0, 60.0]) * (1 + rng.uniform(-0.005, 0.005))
-    t = np.arange(n) / SAMPLE_RATE
-    decay = rng.uniform(0.5, 1.5)
-    x = sum(h ** -decay * np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 2 * np.pi)) for h in range(1, 11))
-    return x + 0.02 * rng.standard_normal(n)  # a faint broadband floor, like real mains-powered gear
-
-
-def _bursts(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Band-limited noise bursts (50-400 ms, Hann envelopes) over a faint floor: non-stationary."""
-    x = 0.02 * rng.standard_normal(n)
-    for _ in range(int(rng.integers(3, 9))):
-        length = min(n, int(rng.uniform(0.05, 0.4) * SAMPLE_RATE))
-        start = int(rng.integers(0, n - length + 1))
-        lo = rng.uniform(100, 3000)
-        spec = np.fft.rfft(rng.standard_normal(length))
-        f = np.fft.rfftfreq(length, 1.0 / SAMPLE_RATE)
-        spec[(f < lo) | (f > lo * rng.uniform(1.5, 4))] = 0
-        x[start:start + length] += rng.uniform(0.3, 1.0) * np.fft.irfft(spec, length) * np.hanning(length)
-    return x
-
-
-def _babble(n: int, rng: np.random.Generator, pool: list[np.ndarray]) -> np.ndarray:
-    """Sum of 3-5 utterances from ``pool`` (other speakers), each looped from a random start."""
-    x = np.zeros(n)
-    for k in rng.choice(len(pool), size=min(len(pool), int(rng.integers(3, 6))), replace=False):
-        s = pool[k]
-        s = np.resize(np.roll(s, int(rng.integers(len(s)))), n)  # np.resize tiles cyclically
-        x += s / (np.sqrt(np.mean(s ** 2)) + 1e-8)
-    return x
-
-
-def _speech_shaped(n: int, rng: np.random.Generator, pool: list[np.ndarray]) -> np.ndarray:
-    """Stationary noise with the long-term average spectrum of a few utterances of ``pool``."""
-    picks = [pool[k] for k in rng.choice(len(pool), size=min(len(pool), 4), replace=False)]
-    lta = np.mean([np.abs(np.fft.rfft(np.resize(p, n))) ** 2 for p in picks], axis=0)
-    smooth = np.convolve(lta, np.ones(65) / 65, mode="same")  # no harmonic lines: a spectral envelope
-    return np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) * np.sqrt(smooth), n)
-
-
-def _traffic(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Low rumble (brown noise) swelling slowly as vehicles pass (0.05-0.3 Hz), plus a faint hiss."""
-    t = np.arange(n) / SAMPLE_RATE
-    swell = 1.0 + 0.8 * np.sin(2 * np.pi * rng.uniform(0.05, 0.3) * t + rng.uniform(0, 2 * np.pi))
-    rumble = _colored(n, rng, 2.0)
-    return swell * rumble / (np.sqrt(np.mean(rumble ** 2)) + 1e-12) + 0.1 * rng.standard_normal(n)
-
-
-def _tones(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Music-like: a sequence of 150-600 ms notes (random pitches of a scale, 1-3 voices, decaying
-    harmonics, short fades)."""
-    x = np.zeros(n)
-    start = 0
-    while start < n:
-        length = min(n - start, int(rng.uniform(0.15, 0.6) * SAMPLE_RATE))
-        t = np.arange(length) / SAMPLE_RATE
-        env = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01) * np.exp(-t * rng.uniform(0.5, 4))
-        for _ in range(int(rng.integers(1, 4))):
-            f0 = 110.0 * 2 ** (int(rng.integers(0, 36)) / 12)
-            x[start:start + length] += env * sum(0.6 ** h * np.sin(2 * np.pi * f0 * (h + 1) * t)
-                                                 for h in range(6) if f0 * (h + 1) < 7000)
-        start += length
-    return x + 0.01 * rng.standard_normal(n)
-
-
-def _clicks(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Sparse clicks and short knocks (decaying resonances, 5-40 per second) over a faint floor."""
-    x = 0.02 * rng.standard_normal(n)
-    for _ in range(max(1, int(n / SAMPLE_RATE * rng.uniform(5, 40)))):
-        length = min(n, int(rng.uniform(0.002, 0.03) * SAMPLE_RATE))
-        start = int(rng.integers(0, n - length + 1))
-        t = np.arange(length) / SAMPLE_RATE
-        x[start:start + length] += (rng.uniform(0.2, 1.0) * np.exp(-t * rng.uniform(200, 2000))
-                                    * np.sin(2 * np.pi * rng.uniform(300, 6000) * t + rng.uniform(0, 2 * np.pi)))
-    return x
-
-
-def make_noise(kind: str, n: int, rng: np.random.Generator, babble_pool: list[np.ndarray] | None = None) -> np.ndarray:
-    """Unit-RMS float64 noise of ``kind`` (one of :data:`NOISE_TYPES`) and length ``n``."""
-    if kind == "white":
-        x = rng.standard_normal(n)
-    elif kind == "pink":
-        x = _colored(n, rng, 1.0)
-    elif kind == "brown":
-        x = _colored(n, rng, 2.0)
-    elif kind == "hum":
-        x = _hum(n, rng)
-    elif kind == "bursts":
-        x = _bursts(n, rng)
-    elif kind in ("babble", "speech_shaped"):
-        if not babble_pool:
-            raise ValueError(f"{kind} noise needs a non-empty babble_pool of other speakers' speech")
-        x = (_babble if kind == "babble" else _speech_shaped)(n, rng, babble_pool)
-    elif kind == "traffic":
-        x = _traffic(n, rng)
-    elif kind == "tones":
-        x = _tones(n, rng)
-    elif kind == "clicks":
-        x = _clicks(n, rng)
-    else:
-        raise ValueError(f"kind: expected one of {NOISE_TYPES}, got {kind!r}")
-    return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
-
-
-def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
-    """clean + g * noise with g chosen so that 10 log10(P_clean / P_noise) = snr_db."""
-    p_clean = np.mean(clean.astype(np.float64) ** 2)
-    p_noise = np.mean(noise.astype(np.float64) ** 2)
-    return clean + noise * np.sqrt(p_clean / (p_noise * 10 ** (snr_db / 10)))
-
-
 # --- corpus ----------------------------------------------------------------------------------
 def _has_variant(variant: str) -> bool:
     import espeakng_loader
@@ -295,22 +174,37 @@ def _run_speakers(tasks, workers: int | None):
         return pool.map(_synth_speaker, tasks, chunksize=1)
 
 
-def _real_training_speech(speakers: dict, source_dir, seed: int, utts_per_speaker: int) -> list[tuple]:
-    """Recorded "train" speakers as extra training speakers ``spkNN`` (numbered after the synthetic
-    ones; registered in ``speakers`` with their source); utterances as in pass 1."""
-    from .realspeech import training_utterances
-
+def _recorded_training_speech(speakers: dict, recorded: list[tuple[str, str, np.ndarray]], source: str) -> list[tuple]:
+    """Recorded training utterances ``[(speaker, words, clean)]`` as extra training speakers ``spkNN``
+    (numbered after those already in ``speakers``, registered there with ``source``); utterances as in pass 1."""
     utts, ids, counts = [], {}, {}
-    for spk_id, words, clean in training_utterances(source_dir, seed, utts_per_speaker):
+    for spk_id, words, clean in recorded:
         if spk_id not in ids:
             ids[spk_id] = f"spk{len(speakers) + 1:02d}"
-            speakers[ids[spk_id]] = dict(split="train", source=f"recorded: {Path(source_dir) / spk_id}")
+            speakers[ids[spk_id]] = dict(split="train", source=f"recorded: {source}/{spk_id}")
         spk = ids[spk_id]
         counts[spk] = counts.get(spk, 0) + 1
         utts.append(("train", spk, f"{spk}_{counts[spk]:03d}", words, clean.astype(np.float32)))
     if not utts:
-        raise ValueError(f"real_speech_dir: no usable recordings of training speakers in {source_dir}")
+        raise ValueError(f"no usable recordings of training speakers in {source}")
     return utts
+
+
+def _noise_banks(spec: dict | None) -> dict | None:
+    """``{"train": NoiseBank, "test": NoiseBank, "manifest": dict}`` for ``params["recorded_noise"]``:
+    the corpus's training split draws from the "train" recordings, its test split from the "valid" ones."""
+    if not spec:
+        return None
+    from . import recorded_noise
+
+    recordings = recorded_noise.find_recordings(spec["roots"])
+    missing = recorded_noise.missing_packages(recordings, role="train")
+    if missing == sorted({s.package for s in recorded_noise.SOURCES if s.role == "train"}):
+        raise FileNotFoundError(f"noise_roots: no recorded noise under {spec['roots']}; install e.g. "
+                                f"`apt-get install {' '.join(missing)}`")
+    return dict(train=recorded_noise.load_bank(recordings, "train", spec["cache"]),
+                test=recorded_noise.load_bank(recordings, "valid", spec["cache"]),
+                manifest=dict(recorded_noise.manifest(recordings), missing_packages=missing))
 
 
 # Recorded utterances per "train" speaker when real speech is added (the demo's too): chosen on the
@@ -322,7 +216,9 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
                       test_utts_per_speaker: int = 15, seed: int = 0, noise_types=NOISE_TYPES,
                       train_snrs=TRAIN_SNRS, test_snrs=TEST_SNRS, overwrite: bool = False,
                       workers: int | None = None, augment: bool = True, real_speech_dir=None,
-                      real_utts_per_speaker: int | None = None) -> Path:
+                      real_utts_per_speaker: int | None = None, extra_speech_dirs=(), extra_utts_per_speaker: int = 20,
+                      extra_speech_exclude=("Robot",), noise_roots=None, recorded_fraction: float = 0.6,
+                      noise_cache=None) -> Path:
     """Writes a synthetic 16 kHz noisy/clean corpus to ``out_dir`` and returns ``out_dir``.
 
     Layout: ``clean_trainset_28spk_wav_16k``, ``noisy_trainset_28spk_wav_16k``, ``clean_testset_wav_16k``,
@@ -351,6 +247,14 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
         params["real_speech"] = dict(source_dir=str(real_speech_dir), utts_per_speaker=int(real_utts_per_speaker))
         if params["real_speech"]["utts_per_speaker"] < 1:
             raise ValueError(f"real_utts_per_speaker: expected >= 1, got {real_utts_per_speaker}")
+    if extra_speech_dirs:
+        params["extra_speech"] = dict(dirs=[str(d) for d in extra_speech_dirs], utts_per_speaker=int(extra_utts_per_speaker),
+                                      exclude=sorted(extra_speech_exclude))
+    if noise_roots is not None:
+        if not 0.0 <= recorded_fraction <= 1.0:
+            raise ValueError(f"recorded_fraction: expected a share in [0, 1], got {recorded_fraction!r}")
+        params["recorded_noise"] = dict(roots=[str(r) for r in noise_roots], fraction=float(recorded_fraction),
+                                        cache=str(noise_cache) if noise_cache else None)
     if params["seed"] != seed or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     for key in ("n_train_speakers", "n_test_speakers", "utts_per_speaker", "test_utts_per_speaker"):
@@ -391,7 +295,17 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
     for (spk, s), speech in zip(speakers.items(), _run_speakers(tasks, workers)):
         utts += [(s["split"], spk, f"{spk}_{j + 1:03d}", text, wav) for j, (text, wav) in enumerate(speech)]
     if real_speech_dir is not None:
-        utts += _real_training_speech(speakers, real_speech_dir, seed, params["real_speech"]["utts_per_speaker"])
+        from .realspeech import training_utterances
+
+        recorded = training_utterances(real_speech_dir, seed, params["real_speech"]["utts_per_speaker"])
+        utts += _recorded_training_speech(speakers, recorded, str(real_speech_dir))
+    for folder in params.get("extra_speech", {}).get("dirs", []):
+        from .realspeech import folder_utterances
+
+        extra = params["extra_speech"]
+        recorded = folder_utterances(folder, seed, extra["utts_per_speaker"], exclude=extra["exclude"])
+        utts += _recorded_training_speech(speakers, recorded, folder)
+    banks = _noise_banks(params.get("recorded_noise"))
 
     # Pass 2: noise, mix, level, write.
     for split, (clean_name, noisy_name) in SPLIT_DIRS.items():
@@ -409,11 +323,21 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
         pool = pools[split].get(spk) or pools["any"][spk]
         kind = params["noise_types"][(i + int(spk[3:])) % len(params["noise_types"])]
         snr = float(snr_choices[split][mrng.integers(len(snr_choices[split]))])
+        source = None
+        nrng = np.random.default_rng([seed, 3_000_017, i])  # its own stream: corpora without recordings are unchanged
+        if banks and nrng.uniform() < params["recorded_noise"]["fraction"]:
+            bank = banks[split]
+            family = bank.families[nrng.integers(len(bank.families))]
+            kind = f"recorded:{family}"
         clean = clean.astype(np.float64)
         if params["augment"] and split == "train":
             clean = augment_speech(clean, np.random.default_rng([seed, 2_000_003, i]))
         clean *= 10 ** (mrng.uniform(-28, -20) / 20) / (np.sqrt(np.mean(clean ** 2)) + 1e-12)  # -28..-20 dBFS RMS
-        noisy = mix_at_snr(clean, make_noise(kind, len(clean), mrng, pool), snr)
+        if kind.startswith("recorded:"):
+            noise, source = bank.sample(len(clean), nrng, family)
+        else:
+            noise = make_noise(kind, len(clean), mrng, pool)
+        noisy = mix_at_snr(clean, noise, snr)
         peak = max(np.abs(noisy).max(), np.abs(clean).max())
         if peak > 0.99:
             clean, noisy = clean * (0.99 / peak), noisy * (0.99 / peak)
@@ -421,8 +345,10 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
         write_audio(out_dir / (clean_dir + SUFFIX_16K) / f"{name}.wav", clean, SAMPLE_RATE, subtype="PCM_16")
         write_audio(out_dir / (noisy_dir + SUFFIX_16K) / f"{name}.wav", noisy, SAMPLE_RATE, subtype="PCM_16")
         files.append(dict(name=name, split=split, speaker=spk, text=text, noise=kind, snr_db=snr,
-                          seconds=round(len(clean) / SAMPLE_RATE, 3)))
+                          seconds=round(len(clean) / SAMPLE_RATE, 3), **({"noise_source": source} if source else {})))
 
     manifest = dict(params=params, speakers=speakers, files=files)
+    if banks:
+        manifest["recorded_noise"] = banks["manifest"]
     write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     return out_dir
