@@ -11,6 +11,8 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16000
+# The file suffixes `pycosdist enhance` picks up in a folder (decoded by soundfile / libsndfile).
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".opus")
 
 
 class AudioError(Exception):

@@ -13,8 +13,6 @@ TRAIN_MODULES = {"scipy": "scipy", "threadpoolctl": "threadpoolctl", "pesq": "pe
                  "soundfile": "soundfile", "tqdm": "tqdm", "espeakng_loader": "espeakng-loader",
                  "matplotlib": "matplotlib"}
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3", ".opus")
-
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML configuration file (see configs/)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from .cli import AUDIO_SUFFIXES
+from .audio import AUDIO_SUFFIXES
 from .models import N_FFT
 
 # The centred STFT reflect-pads n_fft / 2 samples on each side, which needs more input than that.

@@ -142,8 +142,8 @@ def test_seed_pairs_the_student_init_and_data_order_across_methods(tmp_path, don
                             lambda *_: None)
 
     def order(run, epoch):
-        run.crops.set_epoch(epoch)
-        return [(int(i), run.crops[int(i)][3]) for idx, _ in run.local_batches(epoch) for i in idx]
+        run.batches.crops.set_epoch(epoch)
+        return [(int(i), run.batches.crops[int(i)][3]) for idx, _ in run.batches.local_batches(epoch) for i in idx]
 
     runs = {m: setup(m, 1) for m in methods}
     other_seed = setup("none", 2)
