@@ -176,23 +176,6 @@ def test_the_circle_finder_sees_module_and_function_level_imports(tmp_path):
     assert import_circles(import_graph(pkg, "pkg")) == []
 
 
-# The realspeech <-> synth circle is being removed by a rewrite of those modules; strict, so that its
-# removal makes this case fail until the mark goes too.
-KNOWN_CIRCLE = {"pycosdist.denoise.realspeech", "pycosdist.denoise.synth"}
-
-
-def _circles(known: bool) -> list[str]:
-    """The package's import circles as text: those through :data:`KNOWN_CIRCLE` (``known``) or the others."""
-    circles = import_circles(import_graph(PKG, "pycosdist"))
-    return [" -> ".join(c) for c in circles if (KNOWN_CIRCLE <= set(c)) == known]
-
-
 def test_no_import_circles_in_the_package():
-    circles = _circles(known=False)
-    assert not circles, "import circles:\n" + "\n".join(circles)
-
-
-@pytest.mark.xfail(strict=True, reason="the realspeech <-> synth import circle (removed by the rewrite of those modules)")
-def test_no_realspeech_synth_import_circle():
-    circles = _circles(known=True)
+    circles = [" -> ".join(c) for c in import_circles(import_graph(PKG, "pycosdist"))]
     assert not circles, "import circles:\n" + "\n".join(circles)
