@@ -57,6 +57,9 @@ DEFAULTS: dict[str, dict] = {
         "bias": True,  # LIB biases (cosine_lib)
         "eps": 1e-8,
         "teacher_cache": True,  # compute each training utterance's teacher latent once and reuse it
+        # Two-step schedule (Nathoo et al., ICASSP 2024): the first kd_only_epochs epochs train on the KD
+        # loss ALONE, the rest on the task loss alone. 0 = one step: task + lambda * KD every epoch.
+        "kd_only_epochs": 0,
     },
 }
 
@@ -120,6 +123,7 @@ CHECKS: dict[str, Check] = {
     "kd.lambda": at_least(0),
     "kd.expansion": at_least(1),
     "kd.eps": at_least(0),
+    "kd.kd_only_epochs": at_least(0),
 }
 
 

@@ -141,13 +141,29 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def compute_loss(self, noisy: Tensor, clean: Tensor, t_lat: Tensor | None) -> dict[str, Tensor]:
-        """The loss of a batch: ``{"loss": task + kd.lambda * kd, "task", "kd"}`` (scalars).
+    def phase(self, epoch: int) -> str:
+        """What epoch ``epoch`` (0-based) trains on: "task" (no KD), "joint" (task + lambda * KD), or
+        with ``kd.kd_only_epochs`` = K > 0 (the two-step schedule) "kd" for the first K epochs, then "task"."""
+        k = self.cfg["kd"]["kd_only_epochs"]
+        if self.kd is None:
+            return "task"
+        if k == 0:
+            return "joint"
+        return "kd" if epoch < k else "task"
+
+    def compute_loss(self, noisy: Tensor, clean: Tensor, t_lat: Tensor | None, phase: str = "joint") -> dict[str, Tensor]:
+        """The loss of a batch: ``{"loss", "task", "kd"}`` (scalars); "loss" is task + kd.lambda * kd
+        in the "joint" :meth:`phase`, kd alone in "kd", task alone in "task".
         noisy, clean: (B, n); t_lat: the teacher latent (B, C, F', T), or None without KD."""
         with self.autocast():  # the KD term itself is float32 (LatentDistiller.align)
             enhanced, spec, kd_value = self.step_module(noisy, t_lat)
             task = distill.task_loss(spec, enhanced, clean, self.model.stft, **self.cfg["loss"])
-        loss = task + self.cfg["kd"]["lambda"] * kd_value if self.kd is not None else task
+        if self.kd is None or phase == "task":
+            loss = task
+        elif phase == "kd":
+            loss = kd_value
+        else:
+            loss = task + self.cfg["kd"]["lambda"] * kd_value
         return {"loss": loss, "task": task, "kd": kd_value}
 
     def check_finite(self, losses: dict[str, Tensor], world: int, where: str) -> None:
@@ -170,11 +186,12 @@ class TrainStep:
         self.scheduler.step()
 
     def run(self, noisy: Tensor, clean: Tensor, t_lat: Tensor | None, share: float, world: int,
-            where: str) -> dict[str, Tensor]:
+            where: str, phase: str = "joint") -> dict[str, Tensor]:
         """One training step on this rank's part of a global batch (``share``: its weight, see
         :meth:`pycosdist.denoise.batches.TrainingBatches.local_batches`); returns the losses.
-        ``where`` ("epoch E, step S") names the step in the error a non-finite loss raises."""
-        losses = self.compute_loss(noisy, clean, t_lat)
+        ``where`` ("epoch E, step S") names the step in the error a non-finite loss raises;
+        ``phase``: see :meth:`phase`."""
+        losses = self.compute_loss(noisy, clean, t_lat, phase)
         self.check_finite(losses, world, where)
         self.optimizer_step(losses["loss"] * share)
         return losses

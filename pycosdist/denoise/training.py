@@ -103,6 +103,9 @@ def check_train_config(cfg: dict) -> dict:
     if cfg["data"]["remix"] and kc["method"] != "none" and kc["teacher_cache"]:
         raise ValueError("data.remix: remixed inputs change every step, so cached teacher latents would not match "
                          "them; set kd.teacher_cache=false or data.remix=false")
+    if kc["kd_only_epochs"] and (kc["method"] == "none" or kc["kd_only_epochs"] >= tc["epochs"]):
+        raise ValueError(f"kd.kd_only_epochs: the two-step schedule needs a KD method and fewer KD-only epochs than "
+                         f"train.epochs ({tc['epochs']}), got {kc['kd_only_epochs']} with kd.method {kc['method']!r}")
     if kc["method"] != "none" and not kc["teacher"]:
         raise ValueError(f"kd.teacher: KD method {kc['method']!r} needs a teacher checkpoint")
     autocast_dtype(tc["amp"], resolve_device(tc["device"], *distributed_env()))  # device and amp errors
@@ -201,7 +204,9 @@ class Run:
         """Marks the best epoch, writes last.pt (and best.pt), the history, and logs the epoch."""
         metric = self.tc["valid_metric"]
         score = row["valid_loss" if metric == "loss" else "valid_pesq"]
-        row["best"] = _better(metric, score, None if self.best is None else self.best["score"])
+        # Under the two-step schedule the KD-only epochs train no decoder: best.pt comes from the task epochs.
+        eligible = self.train_step.phase(row["epoch"] - 1) != "kd"
+        row["best"] = eligible and _better(metric, score, None if self.best is None else self.best["score"])
         if row["best"]:
             self.best = {"epoch": row["epoch"], "metric": metric, "score": score}
         self.history.append(row)
@@ -242,10 +247,11 @@ class Run:
         loader, n_batches = self.batches.epoch_loader(epoch)
         bar = tqdm(loader, total=n_batches, desc=f"epoch {epoch + 1}/{self.tc['epochs']}", unit="batch",
                    disable=not self.progress, leave=False)
+        phase = self.train_step.phase(epoch)
         for step, (batch, share) in enumerate(bar, 1):
             noisy, clean = self.batches.to_device(batch, epoch, step)
             losses = self.train_step.run(noisy, clean, self.teacher_latents(batch, noisy), share, self.world,
-                                         where=f"epoch {epoch + 1}, step {step}")
+                                         where=f"epoch {epoch + 1}, step {step}", phase=phase)
             for k, v in losses.items():
                 sums[k] += v.item() * share / self.world  # summed over ranks below: the global batch mean
             bar.set_postfix({k: f"{v / step:.4f}" for k, v in sums.items()})

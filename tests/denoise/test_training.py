@@ -261,3 +261,36 @@ def test_killed_run_resumes_without_losing_finished_epochs(corpus, tmp_path):
     assert strip_seconds(a["history"])[:done] == strip_seconds(b["history"])[:done]  # finished epochs kept as they were
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_two_step_schedule_trains_kd_alone_then_task_alone(corpus, teacher_ckpt, tmp_path):
+    """kd.kd_only_epochs = 1 of 2: epoch 1's loss is the KD term alone (the decoder, which the latent
+    does not depend on, stays as initialized), epoch 2's the task alone (the LIB stays as epoch 1 left
+    it), and best.pt is never a KD-only epoch."""
+    cfg = config.load_config(overrides=TINY + ["train.epochs=2", "kd.method=cosine_lib", f"kd.teacher={teacher_ckpt}",
+                                               "kd.kd_only_epochs=1", "train.seed=3"])
+    snaps = []
+    out = tmp_path / "run"
+    init = training.Run(cfg, corpus, tmp_path / "init", progress=False, log=lambda *_: None).train_step
+    snaps.append({k: v.clone() for k, v in init.model.state_dict().items()})
+    result = training.train(cfg, corpus, out, progress=False, log=lambda *_: None,
+                            on_epoch_end=lambda row: snaps.append(torch.load(out / "last.pt", weights_only=False)))
+    h = result["history"]
+    assert h[0]["train_loss"] == pytest.approx(h[0]["train_kd"]) and h[0]["train_kd"] > 0
+    assert h[1]["train_loss"] == pytest.approx(h[1]["train_task"])
+    assert not h[0]["best"] and h[1]["best"] and result["best"]["epoch"] == 2
+    first, second = snaps[1], snaps[2]
+    decoder = [k for k in snaps[0] if k.startswith(("decoder.", "head.")) and "running" not in k and "num_batches" not in k]
+    encoder = [k for k in snaps[0] if k.startswith("encoder.") and k.endswith("weight")]
+    assert decoder and all(torch.equal(snaps[0][k], first["model"][k]) for k in decoder)  # epoch 1: decoder untouched
+    assert any(not torch.equal(snaps[0][k], first["model"][k]) for k in encoder)  # ... the encoder learned
+    assert all(torch.equal(first["kd"][k], second["kd"][k]) for k in first["kd"])  # epoch 2: LIB untouched
+    assert any(not torch.equal(first["model"][k], second["model"][k]) for k in decoder)  # ... the decoder learned
+
+
+def test_two_step_schedule_needs_kd_and_task_epochs(teacher_ckpt):
+    for overrides, expected in ((["kd.kd_only_epochs=1", "train.epochs=3"], "needs a KD method"),
+                                (["kd.kd_only_epochs=3", "train.epochs=3", "kd.method=cosine_lib",
+                                  f"kd.teacher={teacher_ckpt}"], "fewer KD-only epochs")):
+        with pytest.raises(ValueError, match=expected):
+            training.check_train_config(config.load_config(overrides=TINY + overrides))
