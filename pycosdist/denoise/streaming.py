@@ -146,8 +146,8 @@ class StreamStep(nn.Module):
         syn = model.stft.synthesis.double()
         synthesis = torch.cat([(weight[:, None] * torch.cos(angle.T)) / n * syn,
                                -(weight[:, None] * torch.sin(angle.T)) / n * syn], dim=0)
-        self.register_buffer("analysis", analysis.to(dtype))
-        self.register_buffer("synthesis", synthesis.to(dtype))
+        self.register_buffer("dft", analysis.to(dtype))
+        self.register_buffer("inverse_dft", synthesis.to(dtype))
 
     @property
     def state_names(self) -> list[str]:
@@ -155,15 +155,15 @@ class StreamStep(nn.Module):
 
     def initial_state(self, batch: int = 1, dtype=None, device=None) -> list[Tensor]:
         """The state at the start of a stream: zeros (silence before it), in :attr:`state_names` order."""
-        dtype = dtype or self.analysis.dtype
-        device = device or self.analysis.device
+        dtype = dtype or self.dft.dtype
+        device = device or self.dft.device
         return [torch.zeros((batch, *shape), dtype=dtype, device=device) for shape in self.state_shapes.values()]
 
     def forward(self, samples: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         # samples: (B, hop); state: the tensors named by state_names, in that order
         analysis, overlap, conv_states = state[0], state[-1], state[1:-1]
         frame = torch.cat([analysis, samples], dim=1)  # (B, n_fft)
-        spec = frame @ self.analysis  # (B, 2F): [Re, Im]
+        spec = frame @ self.dft  # (B, 2F): [Re, Im]
         re, im = spec[:, :self.freq_bins], spec[:, self.freq_bins:]
         magnitude = torch.sqrt(re * re + im * im)
         x = (magnitude.clamp_min(1e-8) ** COMPRESS)[:, None, :, None]  # (B, 1, F, 1)
@@ -183,7 +183,7 @@ class StreamStep(nn.Module):
         mask = torch.sigmoid(F.conv2d(x, self.head_weight, self.head_bias))[:, 0, :, 0]  # (B, F)
         if self.mask_floor:
             mask = self.mask_floor + (1.0 - self.mask_floor) * mask
-        out_frame = torch.cat([re * mask, im * mask], dim=1) @ self.synthesis  # (B, n_fft)
+        out_frame = torch.cat([re * mask, im * mask], dim=1) @ self.inverse_dft  # (B, n_fft)
         added = out_frame + F.pad(overlap, (0, self.hop))
         return (added[:, :self.hop], frame[:, self.hop:], *new_states, added[:, self.hop:])
 
