@@ -120,3 +120,60 @@ def test_bad_models_and_hops_are_refused(models64):
         stream.process_hop(torch.zeros(3, 128, dtype=torch.float64))
     with pytest.raises(ValueError, match="wave: expected a non-empty"):
         stream.enhance(torch.zeros(0))
+
+
+def test_cli_enhance_stream_equals_offline_on_real_files(tmp_path, capsys):
+    """``pycosdist enhance --stream`` on files written here (stereo 22.05 kHz and mono 16 kHz, one
+    shorter than a window) gives the offline command's output; the exported stream.onnx too."""
+    import numpy as np
+    import soundfile as sf
+
+    from pycosdist.denoise import export, training
+    from pycosdist.denoise.cli import main
+
+    model = _model(PRESETS["causal_student_quarter"], torch.float32, seed=7)
+    ckpt = tmp_path / "run" / "best.pt"
+    training.save_checkpoint({"format": "pycosdist", "model_config": model.config.to_dict(),
+                              "model": model.state_dict()}, ckpt)
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "stereo.wav", 0.1 * rng.standard_normal((33075, 2)), 22050)
+    sf.write(tmp_path / "in" / "short.flac", 0.1 * rng.standard_normal(200), 16000)
+    runs = {"offline": ["--checkpoint", str(ckpt)], "stream": ["--checkpoint", str(ckpt), "--stream"]}
+    try:
+        import onnxruntime  # noqa: F401  the exported stream runs under onnxruntime
+        runs["onnx"] = ["--checkpoint", str(export.export_stream(model, tmp_path / "exported", ["onnx"])["onnx"]),
+                        "--stream"]
+    except ImportError:
+        pass
+    outs = {}
+    for label, args in runs.items():
+        assert main(["enhance", str(tmp_path / "in"), "-o", str(tmp_path / label), *args]) == 0
+        outs[label] = {name: sf.read(tmp_path / label / "in" / f"{name}.wav", dtype="float32")
+                       for name in ("stereo", "short")}
+    for name, n in (("stereo", 24000), ("short", 200)):
+        want, sr = outs["offline"][name]
+        assert sr == 16000 and want.shape == (n,) and np.abs(want).max() > 1e-3
+        for label in set(runs) - {"offline"}:
+            got, _ = outs[label][name]
+            np.testing.assert_allclose(got, want, atol=2 / 32768)  # 16-bit files: at most a rounding step apart
+
+
+def test_cli_enhance_stream_refuses_a_non_causal_checkpoint(tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    from pycosdist.denoise import training
+    from pycosdist.denoise.cli import main
+
+    model = UNetDenoiser(UNetConfig(channels=(4, 6)))
+    ckpt = tmp_path / "best.pt"
+    training.save_checkpoint({"format": "pycosdist", "model_config": model.config.to_dict(),
+                              "model": model.state_dict()}, ckpt)
+    sf.write(tmp_path / "a.wav", np.zeros(1600), 16000)
+    capsys.readouterr()
+    assert main(["enhance", str(tmp_path / "a.wav"), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt),
+                 "--stream"]) == 2
+    err = capsys.readouterr().err
+    assert "pycosdist enhance: error: --stream: checkpoint" in err and "non-causal" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "a.wav").exists()
