@@ -211,7 +211,7 @@ class StreamingDenoiser:
     def reset(self) -> None:
         self._state = None
 
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper per op than no_grad: a hop is only ~60 small ops
     def process_hop(self, x: Tensor) -> Tensor:
         single = x.dim() == 1
         batch = x[None] if single else x
@@ -228,7 +228,7 @@ class StreamingDenoiser:
         out, *self._state = self.step(batch, *self._state)
         return out[0] if single else out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def enhance(self, wave: Tensor) -> Tensor:
         """A whole clip (n,) or (B, n), streamed hop by hop from a fresh state (zero-padded to whole
         hops plus the delay) -> enhanced, same shape, delay removed. Resets the stream."""

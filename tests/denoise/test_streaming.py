@@ -15,6 +15,7 @@ from torch import nn
 
 from pycosdist.denoise.models import PRESETS, UNetConfig, UNetDenoiser
 from pycosdist.denoise.streaming import StreamingDenoiser, StreamStep
+from run_helpers import corpus, teacher_ckpt  # noqa: F401 (fixtures)
 
 CONFIGS = {
     "preset_quarter": PRESETS["causal_student_quarter"],
@@ -177,3 +178,25 @@ def test_cli_enhance_stream_refuses_a_non_causal_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pycosdist enhance: error: --stream: checkpoint" in err and "non-causal" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "a.wav").exists()
+
+
+def test_configs_student_causal_distills_and_streams(corpus, teacher_ckpt, tmp_path):  # noqa: F811
+    """configs/student_causal.toml trains a causal student with KD from the (non-causal, centred, hop 128)
+    teacher for one tiny epoch: their latents are frame-aligned; the result streams like it runs offline."""
+    from pathlib import Path
+
+    from pycosdist.denoise import config, training
+
+    root = Path(__file__).resolve().parents[2]
+    tiny = ["data.segment_seconds=0.5", "data.valid_speakers=1", "train.batch_size=2", "train.threads=1",
+            "train.warmup_steps=1", "train.epochs=1", "kd.method=cosine_lib", f"kd.teacher={teacher_ckpt}"]
+    cfg = training.check_train_config(config.load_config(root / "configs" / "student_causal.toml", tiny))
+    assert cfg["model"]["preset"] == "causal_student_quarter"
+    result = training.train(cfg, corpus, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert result["best"]["epoch"] == 1
+    model, _ = training.load_model(tmp_path / "run" / "best.pt")
+    assert model.config.causal and model.config.latency_ms == 16.0
+    x = 0.1 * torch.randn(1, 4000)
+    with torch.no_grad():
+        offline = model(x)
+    torch.testing.assert_close(StreamingDenoiser(model).enhance(x), offline, atol=1e-5, rtol=0)
