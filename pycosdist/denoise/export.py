@@ -134,6 +134,10 @@ class ExportedDenoiser:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"exported model: no such file {self.path}")
+        stream_files = _read_sidecar(self.path, "stream.json").get("files", {}).values()
+        if self.path.name in stream_files:
+            raise ValueError(f"exported model {self.path}: a one-hop stream export (see stream.json); run it hop by "
+                             "hop (pycosdist enhance --stream, or ExportedStream)")
         suffix = self.path.suffix.lower()
         if suffix == ".ts":
             try:

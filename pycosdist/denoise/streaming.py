@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import COMPRESS, FrameNorm, UNetDenoiser
+from .models import COMPRESS, SAMPLE_RATE, FrameNorm, UNetDenoiser
 
 
 def _fold_norm(weight: Tensor, bias: Tensor | None, norm: nn.Module, out_dim: int) -> tuple[Tensor, Tensor, nn.Module | None]:
@@ -205,7 +205,7 @@ class StreamingDenoiser:
         self.step = step
         self.hop, self.n_fft = step.hop, step.n_fft
         self.delay_samples = self.n_fft - self.hop
-        self.latency_ms = 1000.0 * self.n_fft / 16000
+        self.latency_ms = 1000.0 * self.n_fft / SAMPLE_RATE
         self._state: list | None = None
 
     def reset(self) -> None:

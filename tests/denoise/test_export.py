@@ -126,6 +126,12 @@ def test_stream_export_refuses_a_non_causal_model(model, tmp_path):
         export.ExportedStream(tmp_path / "lonely.onnx")
 
 
+def test_a_stream_export_is_not_taken_for_a_whole_clip_model(causal_model, tmp_path):
+    path = export.export_stream(causal_model, tmp_path, ["torchscript"])["torchscript"]
+    with pytest.raises(ValueError, match="a one-hop stream export.*--stream"):
+        export.ExportedDenoiser(path)
+
+
 def test_offline_export_of_a_causal_model(causal_model, tmp_path):
     """The whole-clip mask-net export works for causal models too: model.json carries n_fft/hop/causal."""
     path = export.export(causal_model, tmp_path, ["torchscript"])["torchscript"]
