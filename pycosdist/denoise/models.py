@@ -14,7 +14,8 @@ past frames produce. Frame t of a causal model covers samples [t*hop - (n_fft - 
 so the output is final one hop after its last input sample: the algorithmic latency is n_fft samples
 (window), with no lookahead. With n_fft = 2 hop (the causal presets) a clip of a whole number of hops
 has T = n // hop + 1 frames, like a centred model of the same hop, so KD against a non-causal
-teacher stays frame-aligned (training crops are whole hops). :mod:`pycosdist.denoise.streaming` runs them hop by hop with the same output.
+teacher stays frame-aligned (training crops are whole hops). :mod:`pycosdist.denoise.streaming` runs
+them hop by hop with the same output.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ HOP = 128
 COMPRESS = 0.3  # magnitude compression exponent: tames the dynamic range of the input and the loss
 
 
-# Normalization layers by name (UNetConfig.norm).
 class FrameNorm(nn.Module):
     """Per-example, per-FRAME normalization over channels and frequency, then a per-channel affine:
     what GroupNorm(1, C) does, without pooling statistics over time, so it is causal."""
@@ -64,11 +64,11 @@ class UNetConfig:
     bottleneck_channels: their width (0: same as the last level).
     norm: "batch" (BatchNorm2d) or "group" (GroupNorm with one group: per-example statistics, so a
       run split over DistributedDataParallel ranks on CPU, where SyncBatchNorm is unavailable, is
-      exactly the single-process run with the combined batch).
+      exactly the single-process run with the combined batch), or "frame" (:class:`FrameNorm`:
+      per-frame statistics, causal and batch-independent).
     mask_floor: the lowest gain the mask can apply (mask = floor + (1 - floor) * sigmoid); a floor
       bounds how deep a mistaken mask can cut into speech the model does not recognize, which
       protects intelligibility on voices unlike the training ones (0: no floor).
-      "frame" (:class:`FrameNorm`): per-frame statistics, causal and batch-independent.
     causal: no future frame or sample is used (see the module docstring); norm must then be one of
       :data:`CAUSAL_NORMS` ("group" pools statistics over the whole clip's time axis).
     n_fft, hop: STFT window and hop in samples at 16 kHz (periodic Hann window). Algorithmic latency

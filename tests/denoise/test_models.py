@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pycosdist.denoise.models import (HOP, N_FFT, PRESETS, UNetConfig, UNetDenoiser, build_model, count_macs,
+from pycosdist.denoise.models import (HOP, N_FFT, PRESETS, FrameNorm, UNetConfig, UNetDenoiser, build_model, count_macs,
                               count_parameters, preset)
 
 TINY = UNetConfig(channels=(4, 6, 8), kernel_size=(3, 3), bottleneck_layers=2)
@@ -134,7 +134,7 @@ def _randomize_norms(model):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g))
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-        if isinstance(m, (nn.BatchNorm2d,)) or type(m).__name__ == "FrameNorm":
+        if isinstance(m, (nn.BatchNorm2d, FrameNorm)):
             m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
             m.bias.data.copy_(torch.randn(m.bias.shape, generator=g))
     return model

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pycosdist.denoise.models import PRESETS, UNetConfig, UNetDenoiser
+from pycosdist.denoise.models import PRESETS, FrameNorm, UNetConfig, UNetDenoiser
 from pycosdist.denoise.streaming import StreamingDenoiser, StreamStep
 from run_helpers import corpus, teacher_ckpt  # noqa: F401 (fixtures)
 
@@ -35,7 +35,7 @@ def _model(config, dtype=torch.float64, seed=0):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=g))
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-        if hasattr(m, "weight") and isinstance(m, (nn.BatchNorm2d,)) or type(m).__name__ == "FrameNorm":
+        if isinstance(m, (nn.BatchNorm2d, FrameNorm)):
             m.weight.data.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
             m.bias.data.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
     return model.eval().to(dtype)
