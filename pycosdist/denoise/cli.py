@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported models run on the CPU")
     p.add_argument("--overwrite", action="store_true",
                    help="replace output files that already exist (an input file is never replaced)")
+    p.add_argument("--stream", action="store_true",
+                   help="process each file hop by hop, as a live stream would (same result): a causal .pt "
+                        "checkpoint, or an exported stream.onnx / stream.ts; runs on the CPU")
 
     p = sub.add_parser("export", help="export a trained model's mask net (TorchScript, ONNX) for small devices")
     p.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (e.g. RUN/best.pt)")
@@ -145,7 +148,10 @@ def cmd_enhance(args) -> int:
     if args.checkpoint.suffix.lower() in (".ts", ".onnx") and args.device == "auto":
         device = "cpu"  # exported models run on the CPU
     jobs = enhance.plan(args.inputs, args.out, overwrite=args.overwrite)
-    denoise = enhance.load_denoiser(args.checkpoint, device)
+    if args.stream:
+        denoise = enhance.load_stream(args.checkpoint, device)
+    else:
+        denoise = enhance.load_denoiser(args.checkpoint, device)
     writable_folder(args.out, "-o/--out")
     failed = enhance.enhance_files(jobs, denoise)
     if failed:

@@ -87,6 +87,34 @@ def load_denoiser(path, device="cpu") -> Callable:
     return lambda noisy: model(noisy[None].to(device))[0].cpu()
 
 
+def load_stream(path, device="cpu") -> Callable:
+    """``denoise(noisy (samples,)) -> enhanced (samples,)`` that streams the clip hop by hop
+    (:class:`pycosdist.denoise.streaming.StreamingDenoiser`) from a causal training checkpoint (``.pt``)
+    or an exported one-hop stream (``stream.onnx`` / ``stream.ts`` with its ``stream.json``). Same
+    output as :func:`load_denoiser`'s to float tolerance. Raises ValueError / FileNotFoundError."""
+    import torch
+
+    from .streaming import StreamingDenoiser
+
+    path = Path(path)
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"--device: --stream runs on the CPU (one hop at a time), got {device}")
+    if path.suffix.lower() in (".ts", ".onnx"):
+        from .export import ExportedStream
+
+        stream = StreamingDenoiser(step=ExportedStream(path))
+    else:
+        from .training import load_model
+
+        model = load_model(path)[0]
+        if not model.config.causal:
+            raise ValueError(f"--stream: checkpoint {path} holds a non-causal model (its convolutions and STFT use "
+                             "future frames); stream a causal one (e.g. model preset causal_student_quarter), or "
+                             "drop --stream")
+        stream = StreamingDenoiser(model.float())
+    return stream.enhance
+
+
 def enhance_waveform(denoise: Callable, noisy):
     """``denoise`` applied to ``noisy`` (samples,) of any length >= 1: a clip shorter than the STFT
     needs is zero-padded to :data:`MIN_SAMPLES` and the result trimmed back to its length."""

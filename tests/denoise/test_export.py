@@ -68,3 +68,75 @@ def test_bad_export_arguments(model, tmp_path):
         export.ExportedDenoiser(tmp_path / "m.bin")
     with pytest.raises(FileNotFoundError, match="no such file"):
         export.ExportedDenoiser(tmp_path / "nope.onnx")
+
+
+# --- streaming export ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def causal_model():
+    from pycosdist.denoise.models import preset
+
+    torch.manual_seed(2)
+    m = UNetDenoiser(preset("causal_student_quarter", mask_floor=0.05))
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_stream_runs_hop_by_hop_like_the_pytorch_stream(causal_model, fmt, tmp_path):
+    """onnxruntime / TorchScript, fed hop by hop with their own state outputs, give the PyTorch stream's
+    output, and so the offline model's (batch 1 and 3: the batch is dynamic)."""
+    from pycosdist.denoise.streaming import StreamingDenoiser
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    path = export.export_stream(causal_model, tmp_path, [fmt])[fmt]
+    info = json.loads((tmp_path / "stream.json").read_text())
+    assert info["files"] == {fmt: path.name} and info["hop"] == 128 and info["algorithmic_latency_ms"] == 16.0
+    assert [s["input"] for s in info["state"]][:2] == ["analysis", "enc0"] and info["state"][-1]["input"] == "overlap"
+    assert info["state"][1]["shape"] == ["batch", 1, 129, 2] and all(s["initial"] == "zeros" for s in info["state"])
+    exported = StreamingDenoiser(step=export.ExportedStream(path))
+    reference = StreamingDenoiser(causal_model)
+    g = torch.Generator().manual_seed(4)
+    for shape in [(5000,), (3, 1111)]:
+        x = 0.2 * torch.randn(shape, generator=g)
+        torch.testing.assert_close(exported.enhance(x), reference.enhance(x), atol=2e-5, rtol=1e-4)
+        with torch.no_grad():
+            offline = causal_model(x if x.dim() == 2 else x[None])
+        torch.testing.assert_close(exported.enhance(x).reshape(offline.shape), offline, atol=2e-5, rtol=1e-4)
+    # hop by hop, with the state carried by the caller through the exported graph's own outputs
+    step = export.ExportedStream(path)
+    state = step.initial_state(1)
+    hops = 0.2 * torch.randn(6, 1, 128, generator=g)
+    reference.reset()
+    for hop in hops:
+        out, *state = step(hop, *state)
+        torch.testing.assert_close(out, reference.process_hop(hop), atol=2e-5, rtol=1e-4)
+
+
+def test_stream_export_refuses_a_non_causal_model(model, tmp_path):
+    with pytest.raises(ValueError, match="model: streaming needs a causal model"):
+        export.export_stream(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (tmp_path / "lonely.onnx").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no stream.json next to it"):
+        export.ExportedStream(tmp_path / "lonely.onnx")
+
+
+def test_a_stream_export_is_not_taken_for_a_whole_clip_model(causal_model, tmp_path):
+    path = export.export_stream(causal_model, tmp_path, ["torchscript"])["torchscript"]
+    with pytest.raises(ValueError, match="a one-hop stream export.*--stream"):
+        export.ExportedDenoiser(path)
+
+
+def test_offline_export_of_a_causal_model(causal_model, tmp_path):
+    """The whole-clip mask-net export works for causal models too: model.json carries n_fft/hop/causal."""
+    path = export.export(causal_model, tmp_path, ["torchscript"])["torchscript"]
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["n_fft"] == 256 and info["center"] is False and info["input"]["shape"][2] == 129
+    x = 0.1 * torch.randn(2, 3000)
+    with torch.no_grad():
+        torch.testing.assert_close(export.ExportedDenoiser(path)(x), causal_model(x), atol=1e-5, rtol=1e-4)

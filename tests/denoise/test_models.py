@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pycosdist.denoise.models import (HOP, N_FFT, PRESETS, UNetConfig, UNetDenoiser, build_model, count_macs,
+from pycosdist.denoise.models import (HOP, N_FFT, PRESETS, FrameNorm, UNetConfig, UNetDenoiser, build_model, count_macs,
                               count_parameters, preset)
 
 TINY = UNetConfig(channels=(4, 6, 8), kernel_size=(3, 3), bottleneck_layers=2)
@@ -121,3 +121,95 @@ def test_count_parameters_and_macs():
     expected += 257 * T * 4
     assert count_macs(model, 1.0) == expected
     assert model.training  # count_macs restores the mode
+
+
+# --- causal models ---------------------------------------------------------------------------------
+CAUSAL_TINY = UNetConfig(channels=(4, 6, 8), kernel_size=(3, 3), bottleneck_layers=2, causal=True, n_fft=256, hop=128)
+
+
+def _randomize_norms(model):
+    """Non-trivial BatchNorm statistics and affines, so that a wrong folding or ordering shows."""
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        if isinstance(m, (nn.BatchNorm2d, FrameNorm)):
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("config", [CAUSAL_TINY, replace(CAUSAL_TINY, norm="frame", kernel_size=(5, 5)),
+                                    replace(CAUSAL_TINY, n_fft=512), PRESETS["causal_student_quarter"]],
+                         ids=["tiny", "frame_norm_k5", "nfft512", "preset"])
+def test_causal_model_uses_no_future_sample(config):
+    """Changing the input from sample s on leaves every output sample before s - n_fft + 1 and every
+    latent frame that ends before s unchanged (frame t ends at sample t*hop + hop - 1); a non-causal
+    model changes outputs long before s."""
+    torch.manual_seed(0)
+    model = _randomize_norms(UNetDenoiser(config)).eval().double()
+    n, s = 6000, 4000
+    x = 0.3 * torch.randn(2, n, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, s:] += torch.randn(2, n - s, dtype=torch.float64)
+    with torch.no_grad():
+        y, lat, _ = model.enhance_with_latent(x)
+        y2, lat2, _ = model.enhance_with_latent(x2)
+    cut = s - config.n_fft + 1
+    assert torch.equal(y[:, :cut], y2[:, :cut])
+    assert (y[:, s:] - y2[:, s:]).abs().max() > 1e-3  # the change does reach the output
+    frames = s // config.hop  # frames 0 .. s//hop - 1 end before s
+    assert torch.equal(lat[..., :frames], lat2[..., :frames])
+    noncausal = UNetDenoiser(replace(config, causal=False, norm="batch")).eval().double()
+    with torch.no_grad():
+        assert (noncausal(x)[:, :cut] - noncausal(x2)[:, :cut]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 300, 5000, 5120])
+@pytest.mark.parametrize("n_fft,hop", [(256, 128), (512, 128), (320, 160)])
+def test_causal_stft_reconstructs_to_the_last_sample(n, n_fft, hop):
+    """The causal iSTFT (overlap-add with the synthesis window) inverts the causal STFT exactly, up to
+    the float32 rounding of the stored window, at every sample including the first and the last."""
+    from pycosdist.denoise.models import STFT
+
+    stft = STFT(n_fft, hop, causal=True).double()
+    x = torch.randn(3, n, dtype=torch.float64)
+    spec = stft(x)
+    assert spec.shape == (3, n_fft // 2 + 1, stft.frames(n)) and stft.frames(n) == -(-n // hop) + n_fft // hop - 1
+    torch.testing.assert_close(stft.inverse(spec, n), x, atol=1e-6, rtol=0)
+    # frame t is the Hann-windowed samples [t*hop - (n_fft - hop), t*hop + hop) (zeros outside the clip)
+    t = min(2, spec.shape[-1] - 1)
+    padded = torch.nn.functional.pad(x, (n_fft - hop, n_fft))
+    frame = padded[:, t * hop:t * hop + n_fft] * torch.hann_window(n_fft, dtype=torch.float64)
+    torch.testing.assert_close(spec[..., t], torch.fft.rfft(frame), atol=1e-5, rtol=0)  # float32 window
+
+
+def test_causal_preset_frames_match_the_teacher():
+    """n_fft 256 / hop 128: a hop-aligned clip (training crops are) has the teacher's T frames."""
+    teacher, student = build_model("teacher").eval(), build_model("causal_student_quarter").eval()
+    x = torch.randn(1, 128 * 40)
+    with torch.no_grad():
+        assert teacher.latent(x).shape[-1] == student.latent(x).shape[-1] == 41
+        y, lat, spec = student.enhance_with_latent(x)
+    assert y.shape == x.shape and spec.shape == (1, 129, 41)
+    assert lat.shape == (1, *student.latent_shape(41)) == (1, 4 * 4, 9, 41)
+    assert student.config.latency_ms == 16.0 and teacher.config.latency_ms == float("inf")
+    assert count_macs(student) < count_macs(build_model("student_quarter"))
+    assert count_parameters(build_model("causal_student_half")) > count_parameters(student)
+
+
+def test_causal_config_errors_and_old_configs():
+    with pytest.raises(ValueError, match="norm: 'group' normalizes over the whole time axis.*causal"):
+        UNetConfig(causal=True, norm="group")
+    with pytest.raises(ValueError, match="hop: a causal model needs a hop that divides n_fft = 256, got 96"):
+        UNetConfig(causal=True, n_fft=256, hop=96)
+    with pytest.raises(ValueError, match="hop: expected 1..n_fft/2 = 128"):
+        UNetConfig(n_fft=256, hop=200)
+    with pytest.raises(ValueError, match="n_fft: expected an even"):
+        UNetConfig(n_fft=255)
+    old = TINY.to_dict()
+    for key in ("causal", "n_fft", "hop"):
+        del old[key]  # a 0.2 checkpoint's model_config
+    cfg = build_model(old).config
+    assert (cfg.causal, cfg.n_fft, cfg.hop) == (False, N_FFT, HOP)
