@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import sys
 import tempfile
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (e.g. RUN/best.pt)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (model.ts, model.onnx, model.json)")
     p.add_argument("--format", nargs="+", default=["torchscript", "onnx"], choices=["torchscript", "onnx"])
+    p.add_argument("--stream", action="store_true", help="export ONE HOP with explicit state (causal models only): "
+                   "stream.ts, stream.onnx and stream.json, which documents every state tensor (docs/streaming.md)")
 
     p = sub.add_parser("experiment", help="repeated runs over mismatch scenarios and KD methods: mean ± std table")
     p.add_argument("config", type=Path, nargs="?", help="experiment TOML (see configs/experiment.toml)")
@@ -229,8 +232,9 @@ def main(argv=None) -> int:
 
                 out = realspeech.build_realtest(args.out, seed=args.seed, split=args.split,
                                                 source_dir=args.source or realspeech.KTUBERLING_DIR)
-                print(f"real-speech {args.split} set written to {out} (evaluate on {out / 'stationary'} and "
-                      f"{out / 'babble'})")
+                subsets = json.loads((out / realspeech.MANIFEST).read_text())["subsets"]
+                print(f"real-speech {args.split} set written to {out} (evaluate on "
+                      + ", ".join(str(out / s) for s in subsets) + ")")
             else:
                 from .data import prepare_16k
 
@@ -261,15 +265,20 @@ def main(argv=None) -> int:
         elif args.command == "enhance":
             return cmd_enhance(args)
         elif args.command == "export":
-            from .export import check_formats, export
+            from .export import check_formats, export, export_stream
             from .training import load_model
 
             check_formats(args.format)  # the optional modules, before the checkpoint is loaded
             model = load_model(args.checkpoint)[0]
+            if args.stream and not model.config.causal:
+                print(f"pycosdist: error: --stream: {args.checkpoint} is not a causal model (model.causal = false); "
+                      "train one from a causal preset, e.g. configs/student_causal.toml", file=sys.stderr)
+                return 2
             writable_folder(args.out, "-o/--out")
-            for fmt, path in export(model, args.out, args.format).items():
+            exported = (export_stream if args.stream else export)(model, args.out, args.format)
+            for fmt, path in exported.items():
                 print(f"{fmt}: {path}")
-            print(f"interface: {args.out / 'model.json'}")
+            print(f"interface: {args.out / ('stream.json' if args.stream else 'model.json')}")
         elif args.command == "experiment":
             from . import experiment
 

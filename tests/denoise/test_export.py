@@ -140,3 +140,25 @@ def test_offline_export_of_a_causal_model(causal_model, tmp_path):
     x = 0.1 * torch.randn(2, 3000)
     with torch.no_grad():
         torch.testing.assert_close(export.ExportedDenoiser(path)(x), causal_model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_export_cli_stream(causal_model, model, tmp_path, capsys):
+    """`pycosdist export --stream` writes the one-hop stream that `enhance --stream` then runs (same
+    output as the causal checkpoint); a non-causal checkpoint exits 2 with one line, writing nothing."""
+    ckpts = {}
+    for name, m in (("causal", causal_model), ("offline", model)):
+        ckpts[name] = tmp_path / name / "best.pt"
+        training.save_checkpoint({"format": "pycosdist", "model_config": m.config.to_dict(), "model": m.state_dict()},
+                                 ckpts[name])
+    assert main(["export", "--stream", "--checkpoint", str(ckpts["offline"]), "-o", str(tmp_path / "bad")]) == 2
+    assert "not a causal model" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["export", "--stream", "--checkpoint", str(ckpts["causal"]), "-o", str(tmp_path / "exp"),
+                 "--format", "torchscript"]) == 0
+    assert (tmp_path / "exp" / "stream.ts").is_file() and (tmp_path / "exp" / "stream.json").is_file()
+    sf.write(tmp_path / "noisy.wav", 0.1 * np.random.default_rng(1).standard_normal(7000), 16000)
+    outs = {}
+    for name, src in (("pt", ckpts["causal"]), ("ts", tmp_path / "exp" / "stream.ts")):
+        assert main(["enhance", "--stream", str(tmp_path / "noisy.wav"), "-o", str(tmp_path / name),
+                     "--checkpoint", str(src)]) == 0
+        outs[name] = sf.read(tmp_path / name / "noisy.wav", dtype="float32")[0]
+    np.testing.assert_allclose(outs["ts"], outs["pt"], atol=1e-4)
