@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="export ONE HOP with explicit state (causal models only): "
                    "stream.ts, stream.onnx and stream.json, which documents every state tensor (docs/streaming.md)")
 
-    p = sub.add_parser("experiment", help="repeated runs over mismatch scenarios and KD methods: mean ± std table")
+    p = sub.add_parser("experiment", help="repeated runs over mismatch scenarios and KD methods: mean ± std table",
+                       epilog="`pycosdist experiment merge DIR... --out DIR` combines the outputs of --shard runs "
+                              "(see `pycosdist experiment merge -h`)")
     p.add_argument("config", type=Path, nargs="?", help="experiment TOML (see configs/experiment.toml)")
     p.add_argument("--small", action="store_true", help="the small preset (about 45 min on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("experiment"), help="output folder (rerun to resume)")
@@ -113,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="evaluation worker processes; overrides experiment.eval_workers")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. student.train.device=cuda, experiment.seeds=4 (repeatable)")
+    p.add_argument("--shard", type=_shard, metavar="K/N",
+                   help="run shard K of N: the cells of the seeds k with k mod N = K-1 (e.g. one Slurm array task "
+                        "each); combine the N outputs with `pycosdist experiment merge`")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("demo", help="synthesize, train, distill, evaluate, report (the make demo job)")
@@ -120,6 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from .experiment import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:  # argparse prints it as a usage error (exit code 2)
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--shard: ")) from None
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    """``pycosdist experiment merge``: its own parser, since ``experiment`` takes an optional config path."""
+    p = argparse.ArgumentParser(prog="pycosdist experiment merge",
+                                description="combine the outputs of `pycosdist experiment --shard K/N` runs (all N "
+                                            "of one experiment) into the tables a single run writes")
+    p.add_argument("shards", type=Path, nargs="+", metavar="DIR", help="the --out folder of each shard")
+    p.add_argument("--out", type=Path, required=True, help="folder for the merged tables (new, or an earlier merge)")
+    return p
 
 
 def _train_config(args, base: dict | None = None) -> dict:
@@ -211,7 +235,12 @@ def main(argv=None) -> int:
         return 2
     from .audio import AudioError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["experiment", "merge"]:
+        args = build_merge_parser().parse_args(argv[2:])
+        args.command = "experiment merge"
+    else:
+        args = build_parser().parse_args(argv)
     try:
         if args.command == "data":
             if args.data_command == "synth":
@@ -279,6 +308,10 @@ def main(argv=None) -> int:
             for fmt, path in exported.items():
                 print(f"{fmt}: {path}")
             print(f"interface: {args.out / ('stream.json' if args.stream else 'model.json')}")
+        elif args.command == "experiment merge":
+            from . import experiment
+
+            experiment.merge_shards(args.shards, args.out)
         elif args.command == "experiment":
             from . import experiment
 
@@ -286,8 +319,10 @@ def main(argv=None) -> int:
             overrides = experiment.parse_assignments(args.set)
             overrides.setdefault("experiment", {}).update({k: v for k, v in given.items() if v is not None})
             ex_cfg = experiment.load_config(args.config, small=args.small, overrides=overrides)
+            if args.shard:
+                experiment.shard_seeds(ex_cfg["experiment"]["seeds"], args.shard)  # N <= seeds, before --out is made
             writable_folder(args.out, "--out")
-            experiment.run_experiment(ex_cfg, args.out, progress=not args.no_progress)
+            experiment.run_experiment(ex_cfg, args.out, progress=not args.no_progress, shard=args.shard)
         elif args.command == "demo":
             from .demo import run_demo
 

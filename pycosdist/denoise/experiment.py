@@ -20,9 +20,12 @@ has the sections:
   factors; each LIB method (``cosine_lib``, ``mse_lib``) runs once per factor; the variant is named
   ``<method>_e<e>`` except at the default e = 4, which keeps the plain name), ``seeds`` (count:
   seeds 0..N-1), ``corpus`` (an existing corpus root; empty: synthesize one into ``OUT/corpus``),
+  ``teacher`` (an existing teacher checkpoint; empty: train one into ``OUT/teacher`` from ``[teacher]``),
   ``eval_workers``, ``train_workers`` (student runs trained at once, each on its share of the
-  cores; 0: :func:`pycosdist.denoise.training.concurrent_runs`, 2 on a multi-core CPU), ``effect``
-  (the PESQ difference the power column is sized for).
+  cores; 0: :func:`pycosdist.denoise.training.concurrent_runs`, 2 on a multi-core CPU), ``torchrun``
+  (processes per cell: N > 0 trains each cell with ``torchrun --standalone --nproc-per-node N``, e.g.
+  one per GPU of the machine, see :func:`train_cell`; 0: in this process), ``effect`` (the PESQ
+  difference the power column is sized for).
 - ``[corpus]``: :func:`pycosdist.synth.synthesize_corpus` arguments for the synthesized corpus.
 - ``[lambda]``: KD weight per method (``kd.lambda`` of its runs).
 - ``[tuning]``: ``factors`` (empty: no tuning) and ``seeds``. With factors, every KD variant first
@@ -40,6 +43,13 @@ finished cell), ``results.*`` (mean ± std), ``gains.*`` (paired gains), ``tunin
 MSE at a fixed adapter, LIB vs linear at a fixed loss, expansion e vs 4). A cell is finished when its test summary exists; rerunning skips finished
 cells (a killed run loses only the cell in progress, which resumes from its ``last.pt``). A finished
 cell whose recorded KD weight differs from the one now planned is an error, never silently reused.
+
+Across machines: ``shard=(K, N)`` (the CLI's ``--shard K/N``) runs only the cells of the seeds k with
+k mod N = K - 1 (:func:`shard_seeds`; a seed's paired cells stay together) after the same corpus,
+teacher, tuning and reference scores as a whole run, and writes the shard's own tables.
+:func:`merge_shards` (``pycosdist experiment merge``) checks that N such outputs are one experiment
+(same configuration, teacher scores and KD weights; every cell exactly once) and writes the tables
+the whole run would have written. See ``docs/distributed.md`` for a Slurm array job.
 """
 
 from __future__ import annotations
@@ -48,6 +58,9 @@ import copy
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -68,8 +81,10 @@ EXPERIMENT_DEFAULTS: dict[str, dict] = {
         "expansions": [4],
         "seeds": 3,
         "corpus": "",
+        "teacher": "",
         "eval_workers": 2,
         "train_workers": 0,
+        "torchrun": 0,
         "effect": 0.03,
     },
     "corpus": {"n_train_speakers": 8, "n_test_speakers": 2, "utts_per_speaker": 25, "test_utts_per_speaker": 15,
@@ -166,6 +181,9 @@ def _check(cfg: dict) -> None:
         raise ValueError(f"experiment.seeds: expected >= 1, got {ex['seeds']}")
     if ex["eval_workers"] < 0:
         raise ValueError(f"experiment.eval_workers: expected >= 0 (0: evaluate in this process), got {ex['eval_workers']}")
+    if ex["torchrun"] < 0:
+        raise ValueError(f"experiment.torchrun: expected >= 0 (processes per cell; 0: train in this process), "
+                         f"got {ex['torchrun']}")
     if ex["train_workers"] < 0:
         raise ValueError(f"experiment.train_workers: expected >= 0 (0: automatic, 1: one run at a time), "
                          f"got {ex['train_workers']}")
@@ -218,6 +236,31 @@ def variants(cfg: dict) -> list[tuple[str, str, int]]:
         for e in cfg["experiment"]["expansions"] if method in LIB_METHODS else [DEFAULT_EXPANSION]:
             out.append((method if e == DEFAULT_EXPANSION else f"{method}_e{e}", method, e))
     return out
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` (the CLI's ``--shard``) as ``(K, N)``, 1 <= K <= N."""
+    k, sep, n = str(text).partition("/")
+    if not sep or not k.strip().isdigit() or not n.strip().isdigit() or not 1 <= int(k) <= int(n):
+        raise ValueError(f"--shard: expected K/N with 1 <= K <= N (shard K of N), e.g. 2/4; got {text!r}")
+    return int(k), int(n)
+
+
+def shard_seeds(seeds: int, shard: tuple[int, int] | None) -> list[int]:
+    """The seeds shard ``(K, N)`` runs: k in 0..seeds-1 with k mod N = K - 1 (all of them for None).
+    Whole seeds, so that every paired difference (variant - none, same seed) is computed in one shard."""
+    if shard is None:
+        return list(range(seeds))
+    k, n = shard
+    if n > seeds:
+        raise ValueError(f"--shard: {k}/{n} splits {seeds} seed(s) {n} ways; a shard runs whole seeds, so N must "
+                         f"be at most experiment.seeds ({seeds})")
+    return [s for s in range(seeds) if s % n == k - 1]
+
+
+def cells(cfg: dict, seeds: list[int]) -> list[tuple[int, str, tuple[str, str, int]]]:
+    """``(seed, scenario, variant)`` of every cell of ``seeds``, seed-major (a seed's cells are adjacent)."""
+    return [(k, s, v) for k in seeds for s in cfg["experiment"]["scenarios"] for v in variants(cfg)]
 
 
 def student_config(cfg: dict, scenario: str, method: str, seed: int, teacher_ckpt,
@@ -440,6 +483,35 @@ def train_together(plans: list[tuple[dict, Path]], corpus_dir, cfg: dict, what: 
         training.train_concurrently(pending, corpus_dir, workers)
 
 
+def train_cell(planned: dict, corpus_dir, run_dir: Path, cfg: dict, progress: bool, log) -> None:
+    """Trains (or resumes) one cell into ``run_dir``: in this process, or with ``experiment.torchrun``
+    = N > 0 as ``torchrun --standalone --nproc-per-node N -m pycosdist {distill,train-teacher}`` on the
+    cell's configuration (written to ``run_dir/cell.toml``): a DDP run over N processes (one per GPU,
+    or gloo on CPU) whose checkpoint the experiment then evaluates like any other."""
+    from . import training
+
+    n = cfg["experiment"]["torchrun"]
+    if n == 0:
+        training.train(planned, corpus_dir, run_dir, progress=progress, log=log)
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "cell.toml", config_mod.to_toml(planned))
+    method = planned["kd"]["method"]
+    command = ["train-teacher"] if method == "none" else ["distill", "--method", method, "--teacher",
+                                                          planned["kd"]["teacher"]]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m",
+            "pycosdist", *command, "--config", str(run_dir / "cell.toml"), "--data", str(corpus_dir),
+            "--out", str(run_dir), *([] if progress else ["--no-progress"])]
+    # The children import this pycosdist (installed or a source tree), whatever their sys.path would say.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    log("== " + " ".join(argv[2:]))
+    done = subprocess.run(argv, env=env)
+    if done.returncode != 0:
+        raise ChildProcessError(f"{run_dir}: torchrun exited with status {done.returncode} (its output is above); "
+                                "run the experiment again to resume the cell")
+
+
 def _run_finished(run_dir: Path, epochs: int) -> bool:
     """Whether ``run_dir`` holds a run that has trained all its ``epochs``."""
     from .training import load_checkpoint
@@ -462,9 +534,16 @@ def _finished_cell(run_dir: Path, planned: dict) -> dict:
 
 
 def write_tables(out: Path, cfg: dict, runs: list[dict], reference_rows: list[dict], n_test: int, seconds: float,
-                 lambdas: dict, tuning_rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """runs.csv, results.{md,csv,json}, gains.{md,csv} and tuning.csv from the finished runs."""
+                 lambdas: dict, tuning_rows: list[dict], shard: tuple[int, int] | None = None,
+                 timing: str | None = None) -> tuple[list[dict], list[dict]]:
+    """runs.csv, results.{md,csv,json}, gains.csv, contrasts.csv and tuning.csv from the finished runs.
+    ``shard``: the (K, N) these runs are a share of; ``timing``: the wall-time sentence of results.md
+    (default: this invocation's ``seconds``)."""
     ex = cfg["experiment"]
+    seeds = f"seeds 0..{ex['seeds'] - 1}"
+    if shard is not None:
+        seeds = (f"shard {shard[0]}/{shard[1]}: seeds {', '.join(map(str, shard_seeds(ex['seeds'], shard)))} "
+                 f"of 0..{ex['seeds'] - 1}")
     rows = summarize(runs)
     gains = paired_gains(runs, ex["effect"])
     write_text_atomic(out / "runs.csv", _csv(runs))
@@ -479,7 +558,7 @@ def write_tables(out: Path, cfg: dict, runs: list[dict], reference_rows: list[di
     tuned = (f"chosen on the validation split over factors {cfg['tuning']['factors']} x [lambda] "
              f"({cfg['tuning']['seeds']} tuning seed(s) per factor, the same for every method)"
              if cfg["tuning"]["factors"] else "the [lambda] values, not tuned in this run")
-    md = (f"# Experiment: test set ({n_test} files), seeds 0..{ex['seeds'] - 1}\n\n"
+    md = (f"# Experiment: test set ({n_test} files), {seeds}\n\n"
           "## Mean ± std over seeds\n\n" + markdown(rows, reference_rows)
           + "\n## Paired gain over no KD (same seed: same initialization and data order)\n\n"
           + "Mean of (variant - none) over the seeds both finished, its sample std, and the Student-t 95% CI "
@@ -487,33 +566,40 @@ def write_tables(out: Path, cfg: dict, runs: list[dict], reference_rows: list[di
             f"need to resolve {ex['effect']:g} PESQ with 80% power at the measured std.\n\n"
           + gains_markdown(gains, ex["effect"])
           + ("\n## Ablation contrasts (paired by seed)\n\n" + contrasts_markdown(contrasts) if contrasts else "")
-          + f"\nKD weights ({tuned}): {lam_text}. Wall time of this invocation: {seconds:.0f} s.\n")
+          + f"\nKD weights ({tuned}): {lam_text}. {timing or f'Wall time of this invocation: {seconds:.0f} s.'}\n")
     write_text_atomic(out / "results.md", md)
     write_text_atomic(out / "results.json", json.dumps({"rows": rows, "gains": gains, "contrasts": contrasts,
                                                         "reference": reference_rows,
                                                         "runs": runs, "tuning": tuning_rows, "seconds": seconds,
                                                         "lambdas": {f"{s}/{v}": lam for (s, v), lam in lambdas.items()},
-                                                        "config": cfg}, indent=1))
+                                                        "config": cfg, "n_test": n_test,
+                                                        "shard": list(shard) if shard else None}, indent=1))
     return rows, gains
 
 
-def run_experiment(cfg: dict, out, progress: bool = False, log=print) -> dict:
+def run_experiment(cfg: dict, out, progress: bool = False, log=print, shard: tuple[int, int] | None = None) -> dict:
     """Runs (or resumes) every cell of ``cfg`` (from :func:`load_config`) into ``out``, seed by seed
     (so that a stopped run leaves every variant with about as many paired seeds); rewrites the tables
-    after every cell and draws the plot at the end; returns ``{"rows", "gains", "runs", "seconds"}``."""
+    after every cell and draws the plot at the end; returns ``{"rows", "gains", "runs", "seconds"}``.
+    ``shard=(K, N)``: only the cells of :func:`shard_seeds` (see the module docstring)."""
     from . import data, evaluation, synth, training
     from .models import count_parameters
 
     t0 = time.perf_counter()
     out = Path(out)
+    ex = cfg["experiment"]
+    seeds = shard_seeds(ex["seeds"], shard)  # a bad shard fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "experiment.json", json.dumps(cfg, indent=1))
-    ex = cfg["experiment"]
     corpus_dir = Path(ex["corpus"]) if ex["corpus"] else synth.synthesize_corpus(out / "corpus", **cfg["corpus"])
-    teacher_cfg = config_mod.merge(config_mod.merge(config_mod.DEFAULTS, cfg["teacher"]), {"kd": {"method": "none"}})
-    log("== teacher")
-    training.train(teacher_cfg, corpus_dir, out / "teacher", progress=progress, log=log)
-    teacher_ckpt = out / "teacher" / "best.pt"
+    if ex["teacher"]:
+        teacher_ckpt = Path(ex["teacher"])
+        training.load_model(teacher_ckpt)  # a missing or broken file fails here, not in the first cell
+    else:
+        teacher_cfg = config_mod.merge(config_mod.merge(config_mod.DEFAULTS, cfg["teacher"]), {"kd": {"method": "none"}})
+        log("== teacher")
+        training.train(teacher_cfg, corpus_dir, out / "teacher", progress=progress, log=log)
+        teacher_ckpt = out / "teacher" / "best.pt"
     test = data.load_corpus(corpus_dir).test
 
     def evaluated(label, model, eval_dir):
@@ -537,25 +623,25 @@ def run_experiment(cfg: dict, out, progress: bool = False, log=print) -> dict:
     lambdas, tuning_rows = tune_lambdas(cfg, corpus_dir, teacher_ckpt, out, progress, log)
 
     runs = []
-    cells = [(k, s, v) for k in range(ex["seeds"]) for s in ex["scenarios"] for v in variants(cfg)]
+    planned_cells = cells(cfg, seeds)
     plans = [(student_config(cfg, scenario, method, seed, teacher_ckpt, e, lambdas.get((scenario, label))),
-              out / "runs" / scenario / label / f"seed{seed}") for seed, scenario, (label, method, e) in cells]
-    per_seed = len(cells) // ex["seeds"]  # cells are seed-major
+              out / "runs" / scenario / label / f"seed{seed}") for seed, scenario, (label, method, e) in planned_cells]
+    per_seed = len(planned_cells) // len(seeds)  # cells are seed-major
 
     def evaluated_cell(run_dir: Path) -> bool:
         return (run_dir / "eval" / "test_summary.json").is_file()
 
-    for i, (seed, scenario, (label, method, e)) in enumerate(cells, 1):
+    for i, (seed, scenario, (label, method, e)) in enumerate(planned_cells, 1):
         planned, run_dir = plans[i - 1]
-        if (i - 1) % per_seed == 0:  # a seed's first cell: the seed's unevaluated cells train together first
+        if (i - 1) % per_seed == 0 and not ex["torchrun"]:  # a seed's first cell: its unevaluated cells train together
             train_together([p for p in plans[i - 1:i - 1 + per_seed] if not evaluated_cell(p[1])],
                            corpus_dir, cfg, f"seed {seed}", log)
         if not evaluated_cell(run_dir):
             t_cell = time.perf_counter()
-            log(f"== cell {i}/{len(cells)}: {scenario} / {label} / seed {seed}")
-            training.train(planned, corpus_dir, run_dir, progress=progress, log=log)
+            log(f"== cell {i}/{len(planned_cells)}: {scenario} / {label} / seed {seed}")
+            train_cell(planned, corpus_dir, run_dir, cfg, progress, log)
             evaluated("test", training.load_model(run_dir / "best.pt")[0], run_dir / "eval")
-            log(f"== cell {i}/{len(cells)} done in {time.perf_counter() - t_cell:.0f} s")
+            log(f"== cell {i}/{len(planned_cells)} done in {time.perf_counter() - t_cell:.0f} s")
         cell = _finished_cell(run_dir, planned)
         s = json.loads((run_dir / "eval" / "test_summary.json").read_text())
         runs.append({"scenario": scenario, "variant": label, "method": method,
@@ -564,9 +650,118 @@ def run_experiment(cfg: dict, out, progress: bool = False, log=print) -> dict:
                      "n_failed": s["n_failed"],
                      "train_seconds": round(sum(r["seconds"] for r in cell["ckpt"]["history"]), 1)})
         rows, gains = write_tables(out, cfg, runs, reference_rows, len(test), round(time.perf_counter() - t0, 1),
-                                   lambdas, tuning_rows)
+                                   lambdas, tuning_rows, shard)
     seconds = round(time.perf_counter() - t0, 1)
-    rows, gains = write_tables(out, cfg, runs, reference_rows, len(test), seconds, lambdas, tuning_rows)
+    rows, gains = write_tables(out, cfg, runs, reference_rows, len(test), seconds, lambdas, tuning_rows, shard)
     plot_pesq_vs_size(rows, out / "pesq_vs_size.png", teacher_row, noisy["pesq"])
     log((out / "results.md").read_text())
     return {"rows": rows, "gains": gains, "runs": runs, "seconds": seconds, "lambdas": lambdas}
+
+
+# --- merging shards --------------------------------------------------------------------------------
+# Keys that may differ between the shards of one experiment: where the shared inputs are mounted and
+# how many processes a machine used. That the inputs were the same is checked on what they produced
+# (the noisy and teacher test scores, the KD weights and the tuning runs).
+SHARD_LOCAL_KEYS = ("experiment.corpus", "experiment.teacher", "experiment.eval_workers", "experiment.train_workers")
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _load_shard(d: Path) -> dict:
+    path = d / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{d}: no results.json; not an experiment output folder, or none of its cells has finished")
+    try:
+        res = json.loads(path.read_text())
+        shard = tuple(res["shard"]) if res.get("shard") else (1, 1)  # an unsharded run is shard 1/1
+        return {"dir": d, "shard": shard, "config": res["config"], "runs": res["runs"], "reference": res["reference"],
+                "lambdas": res["lambdas"], "tuning": res["tuning"], "n_test": res["n_test"], "seconds": res["seconds"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not the results of this pycosdist's `experiment` (missing {e}); rerun that "
+                         "shard to rewrite it") from None
+
+
+def _check_same_experiment(shards: list[dict]) -> None:
+    """Every shard has the first one's configuration (up to :data:`SHARD_LOCAL_KEYS`), split N, and
+    reference scores, KD weights and tuning runs."""
+    first = shards[0]
+    base = _flat(first["config"])
+    for s in shards[1:]:
+        other = _flat(s["config"])
+        diff = [f"{k}: {base.get(k)!r} -> {other.get(k)!r}" for k in sorted(set(base) | set(other))
+                if k not in SHARD_LOCAL_KEYS and base.get(k) != other.get(k)]
+        if diff:
+            raise ValueError(f"{first['dir']} and {s['dir']} are shards of different experiments ({'; '.join(diff)})")
+        if s["shard"][1] != first["shard"][1]:
+            raise ValueError(f"{first['dir']} is shard {first['shard'][0]}/{first['shard'][1]} but {s['dir']} is shard "
+                             f"{s['shard'][0]}/{s['shard'][1]}: merge the shards of one split")
+        for key, what in (("reference", "noisy-input and teacher test scores (another corpus or teacher)"),
+                          ("lambdas", "KD weights"), ("tuning", "tuning runs"), ("n_test", "test-set size")):
+            if s[key] != first[key]:
+                raise ValueError(f"{first['dir']} and {s['dir']} differ in their {what}; their cells do not belong "
+                                 "in one table (give every shard the same experiment.corpus and experiment.teacher, "
+                                 "on the same software and thread counts)")
+
+
+def merge_shards(dirs, out, log=print) -> dict:
+    """Combines the outputs of the shards ``1/N .. N/N`` of one experiment (``dirs``: their ``--out``
+    folders, in any order) into ``out``: the tables a single run of the whole grid writes (runs.csv,
+    results.*, gains.csv, contrasts.csv, tuning.csv, pesq_vs_size.png), and ``merged.json`` (which
+    folders). Refuses shards of different experiments, a shard given twice or missing, and unfinished
+    cells. ``out`` must be new, empty, or an earlier merge's output."""
+    dirs = [Path(d) for d in dirs]
+    out = Path(out)
+    if not dirs:
+        raise ValueError("merge: expected the output folders of the shards, got none")
+    if any(out.resolve() == d.resolve() for d in dirs):
+        raise ValueError(f"--out: {out} is one of the shards; write the merge to a folder of its own")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "merged.json").is_file())):
+        raise ValueError(f"--out: {out} already holds files that are not a merge's output; give a new or empty folder")
+    shards = [_load_shard(d) for d in dirs]
+    _check_same_experiment(shards)
+    cfg, n = shards[0]["config"], shards[0]["shard"][1]
+    by_k = {}
+    for s in shards:
+        k = s["shard"][0]
+        if k in by_k:
+            raise ValueError(f"{by_k[k]['dir']} and {s['dir']} are both shard {k}/{n}: their cells overlap")
+        by_k[k] = s
+    missing = [k for k in range(1, n + 1) if k not in by_k]
+    if missing:
+        raise ValueError(f"missing shard(s) {', '.join(f'{k}/{n}' for k in missing)} (seeds "
+                         f"{', '.join(str(x) for k in missing for x in shard_seeds(cfg['experiment']['seeds'], (k, n)))})")
+    found = {}
+    for k, s in sorted(by_k.items()):
+        planned = {(seed, sc, v[0]) for seed, sc, v in cells(cfg, shard_seeds(cfg["experiment"]["seeds"], (k, n)))}
+        got = {(r["seed"], r["scenario"], r["variant"]): r for r in s["runs"]}
+        unfinished = sorted(planned - set(got))
+        if unfinished:
+            seed, sc, v = unfinished[0]
+            raise ValueError(f"{s['dir']} (shard {k}/{n}) has {len(unfinished)} unfinished cell(s), first "
+                             f"{sc}/{v}/seed{seed}; rerun that shard to finish it")
+        if set(got) - planned:
+            raise ValueError(f"{s['dir']} (shard {k}/{n}) holds cells outside its share: "
+                             f"{sorted(set(got) - planned)[:3]}")
+        found.update(got)
+    runs = [found[(seed, sc, v[0])] for seed, sc, v in cells(cfg, list(range(cfg["experiment"]["seeds"])))]
+    first = shards[0]
+    lambdas = {tuple(key.split("/", 1)): lam for key, lam in first["lambdas"].items()}
+    seconds = [by_k[k]["seconds"] for k in sorted(by_k)]
+    timing = (f"Merged from {n} shard(s); their wall times: {', '.join(f'{t:.0f}' for t in seconds)} s "
+              f"({sum(seconds):.0f} s in all).")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "experiment.json", json.dumps(cfg, indent=1))
+    rows, gains = write_tables(out, cfg, runs, first["reference"], first["n_test"], round(sum(seconds), 1), lambdas,
+                               first["tuning"], timing=timing)
+    noisy_row, teacher_row = first["reference"]
+    plot_pesq_vs_size(rows, out / "pesq_vs_size.png", teacher_row, noisy_row["pesq_mean"])
+    write_text_atomic(out / "merged.json", json.dumps(
+        {"shards": [{"dir": str(by_k[k]["dir"]), "shard": f"{k}/{n}", "seconds": by_k[k]["seconds"]} for k in sorted(by_k)]},
+        indent=1))
+    log((out / "results.md").read_text())
+    return {"rows": rows, "gains": gains, "runs": runs, "seconds": round(sum(seconds), 1), "lambdas": lambdas}

@@ -249,3 +249,155 @@ def test_cells_trained_together_match_cells_trained_one_at_a_time(done, tmp_path
     for a, b in zip(together, alone):
         for m in ("pesq", "stoi", "si_sdr"):
             assert float(a[m]) == pytest.approx(float(b[m]), rel=1e-4, abs=1e-4), (a, b)
+
+
+# --- shards ----------------------------------------------------------------------------------------
+SHARDED = TINY.replace('scenarios = ["student_eighth", "student_shallow"]', 'scenarios = ["student_eighth"]')
+
+
+def _table(path, drop=()):
+    return [{k: v for k, v in row.items() if k not in drop} for row in _read(path)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, done):
+    """The SHARDED grid (3 seeds x 2 methods) once whole and once as 3 shards, on the corpus of ``done``;
+    shard 3 is given shard 1's teacher (experiment.teacher) instead of training its own."""
+    d = tmp_path_factory.mktemp("shards")
+    (d / "grid.toml").write_text(SHARDED)
+    common = ["experiment", str(d / "grid.toml"), "--no-progress", "--seeds", "3", "--workers", "0",
+              "--set", f"experiment.corpus={done / 'out' / 'corpus'}"]
+    assert main(common + ["--out", str(d / "whole")]) == 0
+    for k in (1, 2, 3):
+        extra = ["--set", f"experiment.teacher={d / 'shard1' / 'teacher' / 'best.pt'}"] if k == 3 else []
+        assert main(common + extra + ["--shard", f"{k}/3", "--out", str(d / f"shard{k}")]) == 0
+    return d
+
+
+def test_three_shards_merge_to_the_tables_of_one_run(shards):
+    d = shards
+    assert [r["seed"] for r in _read(d / "shard2" / "runs.csv")] == ["1", "1"]  # seed k goes to shard k mod 3 + 1
+    assert not (d / "shard3" / "teacher").exists()
+    assert main(["experiment", "merge", str(d / "shard3"), str(d / "shard1"), str(d / "shard2"),
+                 "--out", str(d / "merged")]) == 0
+    for table in ("results.csv", "gains.csv"):
+        assert (d / "merged" / table).read_text() == (d / "whole" / table).read_text(), table
+    # train_seconds is the wall time of each cell's training: the one column two runs cannot share
+    assert _table(d / "merged" / "runs.csv", drop=("train_seconds",)) == _table(d / "whole" / "runs.csv",
+                                                                                drop=("train_seconds",))
+    whole_md, merged_md = ((d / x / "results.md").read_text().rsplit("KD weights", 1) for x in ("whole", "merged"))
+    assert merged_md[0] == whole_md[0] and "Merged from 3 shard(s)" in merged_md[1]
+    assert (d / "merged" / "pesq_vs_size.png").is_file()
+    # the merge may be written again over its own output, and only there
+    assert main(["experiment", "merge", str(d / "shard1"), str(d / "shard2"), str(d / "shard3"),
+                 "--out", str(d / "merged")]) == 0
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "missing shard(s) 3/3 (seeds 2)"),
+    ("twice", "are both shard 1/3: their cells overlap"),
+    ("other config", "shards of different experiments (student.train.lr: 0.002 -> 0.005)"),
+    ("other split", "merge the shards of one split"),
+    ("unfinished", "has 1 unfinished cell(s), first student_eighth/none/seed1"),
+    ("into a shard", "is one of the shards"),
+    ("into other files", "already holds files that are not a merge's output"),
+])
+def test_merge_refuses_shards_that_are_not_one_whole_experiment(shards, tmp_path, capsys, case, expected):
+    d = shards
+    dirs = [d / f"shard{k}" for k in (1, 2, 3)]
+    out = tmp_path / "merged"
+
+    def altered(k, change):  # a copy of shard k's results.json with ``change`` applied
+        import json
+
+        copy = tmp_path / f"altered{k}"
+        copy.mkdir()
+        res = json.loads((d / f"shard{k}" / "results.json").read_text())
+        change(res)
+        (copy / "results.json").write_text(json.dumps(res))
+        return copy
+
+    if case == "missing":
+        dirs = dirs[:2]
+    elif case == "twice":
+        dirs = [dirs[0], dirs[0], dirs[2]]
+    elif case == "other config":
+        dirs[1] = altered(2, lambda r: r["config"]["student"]["train"].update(lr=0.005))
+    elif case == "other split":
+        dirs[1] = altered(2, lambda r: r.update(shard=[2, 4]))
+    elif case == "unfinished":
+        dirs[1] = altered(2, lambda r: r["runs"].pop(0))
+    elif case == "into a shard":
+        out = dirs[0]
+    elif case == "into other files":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    assert main(["experiment", "merge", *map(str, dirs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    if case == "into other files":
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        return e.code
+
+
+@pytest.mark.parametrize("shard, expected", [
+    ("0/3", "expected K/N with 1 <= K <= N"), ("4/3", "expected K/N"), ("2", "expected K/N"), ("a/b", "expected K/N"),
+    ("1/4", "splits 3 seed(s) 4 ways"),
+])
+def test_a_bad_shard_is_a_usage_error(tmp_path, capsys, shard, expected):
+    (tmp_path / "grid.toml").write_text(SHARDED)
+    argv = ["experiment", str(tmp_path / "grid.toml"), "--seeds", "3", "--shard", shard, "--out", str(tmp_path / "out")]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_per_cell(tmp_path, done, capfd):
+    """experiment.torchrun = 2: each cell trains as 2 gloo processes under torchrun (the DDP run itself
+    is checked against one process in test_distributed); the experiment evaluates their checkpoints and
+    a rerun finds every cell finished."""
+    (tmp_path / "grid.toml").write_text(SHARDED.replace('methods = ["none", "cosine_lib"]',
+                                                        'methods = ["none", "cosine_lib"]\ntorchrun = 2'))
+    argv = ["experiment", str(tmp_path / "grid.toml"), "--no-progress", "--seeds", "1", "--workers", "0",
+            "--set", f"experiment.corpus={done / 'out' / 'corpus'}",
+            "--set", f"experiment.teacher={done / 'out' / 'teacher' / 'best.pt'}", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    assert out.count("torch.distributed.run --standalone --nproc-per-node 2 -m pycosdist") == 2
+    assert "-m pycosdist train-teacher --config" in out and "-m pycosdist distill --method cosine_lib" in out
+    assert [(r["variant"], r["seed"]) for r in _read(tmp_path / "out" / "runs.csv")] == [("none", "0"),
+                                                                                         ("cosine_lib", "0")]
+    for variant in ("none", "cosine_lib"):
+        cell = tmp_path / "out" / "runs" / "student_eighth" / variant / "seed0"
+        assert (cell / "cell.toml").is_file() and training.load_checkpoint(cell / "last.pt")["epoch"] == 1
+    assert main(argv) == 0
+    assert "torch.distributed.run" not in capfd.readouterr().out  # finished cells are not trained again
+
+
+def test_the_slurm_script_runs_its_array_task_as_a_shard(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "slurm_experiment.sh"
+    base = {"PATH": os.environ["PATH"], "PYCOSDIST": "echo pycosdist"}  # echo: the command it would run
+
+    def run(*args, **env):
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env={**base, **env})
+
+    done = run("grid.toml", "/scratch/exp", "4", "--set", "student.train.device=cuda", SLURM_ARRAY_TASK_ID="3",
+               TEACHER="/scratch/teacher.pt")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["pycosdist", "experiment", "grid.toml", "--shard", "3/4", "--out",
+                                   "/scratch/exp/shard3", "--no-progress", "--set",
+                                   "experiment.teacher=/scratch/teacher.pt", "--set", "student.train.device=cuda"]
+    assert run("grid.toml", "/scratch/exp", "4").returncode == 2  # not an array task
+    missing = run("grid.toml", SLURM_ARRAY_TASK_ID="1")
+    assert missing.returncode == 2 and "usage:" in missing.stderr

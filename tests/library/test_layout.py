@@ -179,3 +179,12 @@ def test_the_circle_finder_sees_module_and_function_level_imports(tmp_path):
 def test_no_import_circles_in_the_package():
     circles = [" -> ".join(c) for c in import_circles(import_graph(PKG, "pycosdist"))]
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+def test_bench_results_holds_results_only():
+    """The scripts that produce results live in bench/ or scripts/; bench/results/ holds what they wrote."""
+    results = Path(__file__).resolve().parents[2] / "bench" / "results"
+    assert results.is_dir(), results
+    scripts = [str(p.relative_to(results)) for p in results.rglob("*") if p.is_file()
+               and (p.suffix in (".py", ".sh") or p.stat().st_mode & 0o111)]
+    assert not scripts, f"scripts under bench/results/ (move them to bench/ or scripts/): {scripts}"

@@ -6,10 +6,10 @@ the same initialization and data order) for seeds 3..N-1, scores every student o
 the real-speech TEST set (stationary and babble) and on the VALID speakers (never used to choose
 anything about KD), and writes the paired KD gains over no KD with 95% CIs.
 
-    python run.py DEMO_REPORT_DIR REAL_VALID_DIR OUT_DIR [N_SEEDS]
+    python bench/denoise/demo_kd_seeds.py DEMO_REPORT_DIR REAL_VALID_DIR OUT_DIR [N_SEEDS]
 
 DEMO_REPORT_DIR: a finished `pycosdist demo --out` folder; REAL_VALID_DIR: the output of
-`pycosdist data realtest DIR --split valid`.
+`pycosdist data realtest DIR --split valid`. The recorded results (8 seeds): bench/results/demo_kd_seeds/.
 """
 import json
 import sys

@@ -1,4 +1,5 @@
-"""Demo teacher on a corpus, E epochs, scored on the real-speech VALID split."""
+"""Demo teacher on a corpus, E epochs, scored on the real-speech VALID split (as run; see search.sh and
+bench/results/realspeech_recipe/teacher_epochs.md)."""
 import json, sys, time
 from pathlib import Path
 import torch

@@ -1,5 +1,6 @@
 """Issue 10 recipe search: one demo-budget student (no KD) under a recipe variant, scored on the
-real-speech VALID split. Usage (as run, see search.sh):
+real-speech VALID split; the results are in bench/results/realspeech_recipe/. Usage (as run, from this
+folder; see search.sh):
 
     python explore.py NAME '{"loss": {"sisdr_weight": 0.02}}' SEED [CORPUS]
 

@@ -1,4 +1,5 @@
-# The variants of valid_search.md, in the order they ran (P = the venv python, PYTHONPATH = the repo).
+# The variants of bench/results/realspeech_recipe/valid_search.md, in the order they ran, from this folder
+# (P = the venv python, PYTHONPATH = the repo). noisy_eval.py (the noisy-input row) was not kept.
 $P noisy_eval.py
 $P explore.py base '{}' 0
 $P explore.py floor10 '{"model":{"mask_floor":0.1}}' 0

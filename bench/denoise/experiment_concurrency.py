@@ -5,7 +5,9 @@ corpus and the teacher (not timed); then the same cells run twice more on that c
 with experiment.train_workers = 1 and = 0 (automatic: 2 at a time on a multi-core CPU), each timed
 from start to end (training and evaluation of the 4 cells). Prints the times and both runs.csv.
 
-    python run.py OUT
+    python bench/denoise/experiment_concurrency.py OUT
+
+The recorded result: bench/results/experiment_concurrency/result.json.
 """
 import csv
 import json
