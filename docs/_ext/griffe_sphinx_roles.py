@@ -37,11 +37,18 @@ def _link(obj: griffe.Object, match: re.Match) -> str:
     return f'<autoref identifier="{identifier}" optional><code>{html.escape(title)}</code></autoref>'
 
 
+def _convert(obj: griffe.Object) -> None:
+    if obj.docstring is not None and ":" in obj.docstring.value:
+        text = LITERAL_BLOCK.sub(":", obj.docstring.value)
+        obj.docstring.value = ROLE.sub(lambda m: _link(obj, m), text)
+
+
 class SphinxRoles(griffe.Extension):
+    def on_package(self, *, pkg: griffe.Module, **kwargs) -> None:
+        _convert(pkg)  # on_object below is called for the package's members only
+
     def on_object(self, *, obj: griffe.Object, **kwargs) -> None:
-        if obj.docstring is not None and ":" in obj.docstring.value:
-            text = LITERAL_BLOCK.sub(":", obj.docstring.value)
-            obj.docstring.value = ROLE.sub(lambda m: _link(obj, m), text)
+        _convert(obj)
 
 
 class NamespaceSubpackages(griffe.Extension):
