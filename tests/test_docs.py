@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 CLI_PAGE = ROOT / "docs" / "cli.md"
 MARKER = re.compile(r"^<!-- pycosdist-help:(?P<path>[\w\s-]*)-->$", re.MULTILINE)
+# A repository path named in the prose (`bench/results/demo/`, examples/x.py, configs/*.toml); a
+# placeholder such as csrc/<op>/ is not one.
+REPO_PATH = re.compile(r"(?<![\w/.])((?:bench|examples|configs|scripts|tests|csrc|docs|pycosdist)/[\w./*-]*)(?![\w<])")
+MARKDOWN_LINK = re.compile(r"\]\((?!https?://|#)(?P<target>[^)#\s]+)(?:#[^)]*)?\)")
 
 
 def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -54,6 +58,22 @@ def test_readme_test_command_is_what_ci_runs():
     ci_targets = _make_targets_run(ROOT / ".ci" / "run")
     assert "test" in ci_targets, f".ci/run runs make {ci_targets}, not the README's `make test`"
     assert "docs" in ci_targets, f".ci/run runs make {ci_targets}: the docs are not built in CI"
+
+
+def test_paths_named_in_the_readme_and_the_docs_exist():
+    """A figure's source folder, a script or a config that moved must not leave the docs pointing nowhere."""
+    pages = [README, ROOT / "DEVELOPERS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = []
+    for page in pages:
+        for path in {m.group(1).rstrip(".") for m in REPO_PATH.finditer(page.read_text())}:
+            exists = any(ROOT.glob(path)) if "*" in path else (ROOT / path).exists()
+            if not exists:
+                missing.append(f"{page.relative_to(ROOT)}: {path}")
+        if page.parent == ROOT:  # the docs pages' links are checked by mkdocs build --strict
+            for link in MARKDOWN_LINK.finditer(page.read_text()):
+                if not (ROOT / link["target"]).exists():
+                    missing.append(f"{page.relative_to(ROOT)}: link {link['target']}")
+    assert not missing, "named but not in the repository:\n" + "\n".join(sorted(missing))
 
 
 def test_makefile_docs_target_builds_strictly_after_build():
