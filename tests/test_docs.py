@@ -98,7 +98,7 @@ def test_every_subcommand_has_its_section_in_the_cli_page():
         assert f"`pycosdist {' '.join(command)}`" in CLI_PAGE.read_text()
 
 
-def test_the_cli_hook_puts_each_commands_own_help_in_the_page():
+def test_the_cli_hook_puts_each_commands_help_and_every_config_key_in_the_page():
     spec = importlib.util.spec_from_file_location("cli_help", ROOT / "docs" / "_ext" / "cli_help.py")
     hook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hook)
@@ -108,6 +108,12 @@ def test_the_cli_hook_puts_each_commands_own_help_in_the_page():
 
     for command in _commands(build_parser()):
         assert f"usage: {' '.join(('pycosdist',) + command)} " in page
+    from pycosdist.denoise.config import DEFAULTS
+    from pycosdist.denoise.experiment import EXPERIMENT_DEFAULTS
+
+    for defaults in (DEFAULTS, EXPERIMENT_DEFAULTS):  # the configuration tables list every key
+        keys = [f"{section}.{key}" for section, table in defaults.items() for key in table]
+        assert keys and all(f"| `{key}` | `" in page for key in keys), [k for k in keys if f"| `{k}` |" not in page]
     with pytest.raises(ValueError, match="'pycosdist data nonesuch' is not a sub-command"):
         hook.on_page_markdown("<!-- pycosdist-help: data nonesuch -->", page=None)
 
