@@ -1,9 +1,11 @@
-"""Griffe extension: render the reST cross-reference roles of our docstrings as links.
+"""Griffe extensions for the API reference (mkdocs.yml loads both).
 
-The docstrings are written for readers of the source (``:func:`lib_projection```); Markdown has no
+SphinxRoles: the docstrings are written for readers of the source (``:func:`lib_projection```); Markdown has no
 such roles. Each ``:role:`target``` becomes an *optional* mkdocs-autorefs reference: a link when the
 target is rendered somewhere in the site, plain code otherwise, and never a build warning (a
 role may name something deliberately left out of the API reference, such as a private helper).
+
+NamespaceSubpackages: loads pycosdist/denoise, which has no __init__.py (see its docstring).
 """
 
 from __future__ import annotations
