@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 # Cython, setuptools and numpy are there for pesq's sdist (the [train] extra), as in README.
 BUILD_DEPS := scikit-build-core pybind11 ninja Cython setuptools numpy
 
-.PHONY: demo test build dev bench cuda-check gpu-check clean
+.PHONY: demo test build docs dev bench cuda-check gpu-check clean
 
 $(DEPS):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ demo: build
 # source tree does not shadow it).
 test: build
 	$(VENV)/bin/pytest -q tests
+
+# The documentation site (mkdocs.yml, docs/) into build/site; --strict: any warning (a broken link or
+# cross-reference, a missing page, an API object that cannot be found) fails. The [docs] extra is
+# installed on top of the build (its own pip run: the tools stay out of [all]).
+docs: build
+	$(VPY) -m pip install -q --no-build-isolation ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict   # not python -m: the source tree must not shadow the build
 
 # CPU benchmarks (our ops vs eager and torch.compile of the reference); CSVs in bench/results/.
 bench: build

@@ -2,11 +2,12 @@
 representation alignment with cosine distance (Luong et al., AES 2025).
 
 Public API:
-  - :func:`cosine_distance_loss`, :func:`lib_projection`, :func:`lib_cosine_distance_loss`
-  - :mod:`pycosdist.nn`: ``CosineDistanceLoss``, ``LinearInvertedBottleneck``, ``CosineLIBDistillationLoss``
-  - :mod:`pycosdist.reference`: pure-PyTorch twins of every op (the test oracle)
-  - :func:`build_info`
-  - :func:`pycosdist.features.LatentDistiller`: distill any teacher/student ``nn.Module`` pair by module name
+
+- :func:`cosine_distance_loss`, :func:`lib_projection`, :func:`lib_cosine_distance_loss`
+- :mod:`pycosdist.nn`: ``CosineDistanceLoss``, ``LinearInvertedBottleneck``, ``CosineLIBDistillationLoss``
+- :mod:`pycosdist.reference`: pure-PyTorch twins of every op (the test oracle)
+- :func:`build_info`
+- :class:`pycosdist.features.LatentDistiller`: distill any teacher/student ``nn.Module`` pair by module name
 
 Only torch and numpy are needed. The denoising application built on it (data, models, KD methods,
 training, evaluation, demo, experiment, export, CLI) is :mod:`pycosdist.denoise`; it needs the
