@@ -28,6 +28,10 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
 
 
 def command_parser(root: argparse.ArgumentParser, path: list[str]) -> argparse.ArgumentParser:
+    if path == ["experiment", "merge"]:  # its own parser: `experiment` takes an optional config path
+        from pycosdist.denoise.cli import build_merge_parser
+
+        return build_merge_parser()
     parser = root
     for i, name in enumerate(path):
         choices = subparsers(parser)
