@@ -151,11 +151,11 @@ def _source_files(source: NoiseSource, root: Path) -> list[tuple[str, str | None
     return [(str(f), None) for f in sorted(base.rglob("*")) if f.is_file() and _matches(str(f.relative_to(base)), source)]
 
 
-def find_recordings(roots=("/",), sources=SOURCES, seed: int = 0) -> list[Recording]:
+def find_recordings(roots=("/",), sources=None, seed: int = 0) -> list[Recording]:
     """Every recording of ``sources`` found under any of ``roots`` (folders that mirror ``/``, e.g.
     ``/`` itself, or a package unpacked with ``dpkg-deb -x``), with its split."""
     found: dict[str, Recording] = {}
-    for source in sources:
+    for source in SOURCES if sources is None else sources:
         for root in roots:
             for path, member in _source_files(source, Path(root)):
                 rel = member or str(Path(path).relative_to(Path(root) / source.base))
@@ -165,10 +165,11 @@ def find_recordings(roots=("/",), sources=SOURCES, seed: int = 0) -> list[Record
     return list(found.values())
 
 
-def missing_packages(recordings: list[Recording], sources=SOURCES, role: str | None = None) -> list[str]:
+def missing_packages(recordings: list[Recording], sources=None, role: str | None = None) -> list[str]:
     """Packages of ``sources`` (of ``role``, if given) with no recording among ``recordings``."""
     have = {r.package for r in recordings}
-    return sorted({s.package for s in sources if (role is None or s.role == role)} - have)
+    return sorted({s.package for s in (SOURCES if sources is None else sources)
+                   if role is None or s.role == role} - have)
 
 
 def decode(rec: Recording) -> np.ndarray:
@@ -301,4 +302,4 @@ def manifest(recordings: list[Recording]) -> dict:
         p = out.setdefault(r.package, dict(license=r.license, files={}))
         key = f"{r.split}/{r.family}"
         p["files"][key] = p["files"].get(key, 0) + 1
-    return dict(packages=out, sources=[asdict(s) for s in SOURCES])
+    return dict(packages=out, sources=[asdict(s) for s in SOURCES if s.package in out])
