@@ -43,7 +43,8 @@ class StaticStep:
     """``step(*inputs) -> {name: scalar loss}`` for ``loss_fn(*inputs) -> {"loss": ..., ...}``:
     backpropagates ``"loss"``, clips the global gradient norm to ``grad_clip`` (0: off) and steps
     ``optimizer`` over ``params``. Returns detached copies of the losses (still on the device: no
-    host synchronisation). ``mode``: one of :data:`MODES` (see the module docstring)."""
+    host synchronisation; in ``cuda_graphs`` mode the losses of the replayed graph, copied).
+    ``mode``: one of :data:`MODES` (see the module docstring)."""
 
     def __init__(self, loss_fn: LossFn, params: Iterable[Tensor], optimizer: torch.optim.Optimizer, *,
                  mode: str = "compile", grad_clip: float = 0.0, warmup: int = 3):
@@ -64,9 +65,9 @@ class StaticStep:
         self._static_losses: dict[str, Tensor] = {}
         if mode == "cuda_graphs":
             self._check_capturable()
+        self._cuda = any(p.is_cuda for p in self.params)
         if mode == "compile":
-            cuda = any(p.is_cuda for p in self.params)
-            self._losses = torch.compile(loss_fn, mode="reduce-overhead" if cuda else None, dynamic=False)
+            self._losses = torch.compile(loss_fn, mode="reduce-overhead" if self._cuda else None, dynamic=False)
             self._update = torch.compile(self._clip_and_step, dynamic=False)
         else:
             self._losses, self._update = loss_fn, self._clip_and_step
@@ -93,7 +94,8 @@ class StaticStep:
         losses = self._losses(*inputs)
         losses["loss"].backward()
         self._update()
-        return {k: v.detach() for k, v in losses.items()}
+        # Copies: reduce-overhead's CUDA graphs overwrite their outputs on the next step.
+        return {k: v.detach().clone() for k, v in losses.items()}
 
     # --- calls ---------------------------------------------------------------------------------------------
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
@@ -105,6 +107,8 @@ class StaticStep:
                              f"the first call had {self._shapes}, this one {shapes} (fix the crop length and "
                              f"batch size, or drop the last incomplete batch)")
         self.calls += 1
+        if self.mode == "compile" and self._cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step: the last one's buffers are free
         if self.mode != "cuda_graphs":
             return self._body(inputs, zero_grad=True)
         if self.calls <= self.warmup:
