@@ -4,7 +4,8 @@
 // and the rows are processed in chunks, in one opmath buffer reused by every chunk (the
 // (N, E) hidden never exists, and the (N, D_t) projection exists one chunk at a time):
 //   p = s_c W^T + b                              (one cuBLAS GEMM through ATen, out= into the buffer)
-//   distance_c and dL/dp over p                  (one kernel: lib_cosine_loss_kernels.cu)
+//   distance_c and dL/dp over p                  (one kernel: lib_cosine_loss_kernels.cu; for bfloat16
+//                                                 it also adds b and writes the bfloat16 dL/dp)
 //   dW += dp^T s_c, db += sum dp, ds_c = dp W    (two GEMMs)
 // and at the end the gradients are mapped back to the factors:
 //   dW1 = W2^T dW, dW2 = dW W1^T + db b1^T, db1 = W2^T db, db2 = db.
@@ -78,8 +79,7 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
     at::Tensor x = convert ? x_buf.narrow(0, 0, c).copy_(s_c) : s_c;      // (c, D_s) in the GEMMs' dtype
     at::Tensor p = p_buf.narrow(0, 0, c);                                 // (c, D_t) opmath
     if (tensor_cores) {
-      at::mm_out(p, x, wt, opmath);
-      if (f.b) p.add_(*f.b);
+      at::mm_out(p, x, wt, opmath);  // the row kernel adds the bias
     } else if (f.b) {
       at::addmm_out(p, *f.b, x, wt);
     } else {
@@ -92,7 +92,8 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
           mut_ptr<A>(p), const_ptr<T>(t) + r0 * d.d_t, c, d.d_t, eps,
           distance.defined() ? mut_ptr<A>(distance) + r0 : nullptr,
           grad_rows.defined() ? const_ptr<A>(grad_rows) + r0 * grad_stride : nullptr, grad_stride, grad_scale,
-          compute_grad, stream));
+          compute_grad, tensor_cores && f.b ? const_ptr<A>(*f.b) : nullptr,
+          dp_buf.defined() ? mut_ptr<T>(dp_buf) : nullptr, stream));
     });
     if (!compute_grad) continue;
     // p now holds dL/dp. Everything below is queued on one stream: the GEMM that reads x
@@ -108,7 +109,7 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
     }
     at::Tensor gs_c = g.student.narrow(0, r0, c);
     if (tensor_cores) {
-      const at::Tensor dp = dp_buf.narrow(0, 0, c).copy_(p);  // (c, D_t) bf16
+      const at::Tensor dp = dp_buf.narrow(0, 0, c);  // (c, D_t) bf16, written by the row kernel
       if (first) {
         at::mm_out(dw, dp.t(), x, opmath);
       } else {
