@@ -67,7 +67,7 @@ MIN_CHUNK_ROWS = 1024
 
 
 def _elem_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def eager_peak_bytes(n: int, d_s: int, e: int, d_t: int, dtype: torch.dtype) -> int:
