@@ -79,14 +79,18 @@ def eager_peak_bytes(n: int, d_s: int, e: int, d_t: int, dtype: torch.dtype) -> 
     return _elem_size(dtype) * (n * (2 * e + d_t) + d_t * e + d_t)
 
 
-def fused_bytes(n: int, d_s: int, d_t: int, dtype: torch.dtype, with_grad: bool) -> tuple[int, int]:
+def fused_bytes(n: int, d_s: int, e: int, d_t: int, dtype: torch.dtype, with_grad: bool) -> tuple[int, int]:
     """The CUDA op's own allocations as (fixed bytes, bytes per chunk row), from its buffers
-    (csrc/lib_cosine_loss/lib_cosine_loss_cuda.cpp). Fixed: the per-row distances, the student
-    gradient (with_grad) and four weight-sized buffers (the folded W and its GEMM-dtype copy, dW,
-    the unfold's temporaries). Per row: the opmath projection, overwritten by dL/dp; bfloat16 with
-    gradients adds a bfloat16 dL/dp for the tensor-core GEMMs, float16 a float32 student row."""
+    (csrc/lib_cosine_loss/lib_cosine_loss_cuda.cpp, csrc/common/lib_fold.h). Fixed: the per-row
+    distances; with_grad, the student gradient; the weight-sized buffers (the folded W and its
+    GEMM-dtype copy, dW, the factors in opmath, the factor gradients in opmath and in the input
+    dtype). Per row: the opmath projection, overwritten by dL/dp; bfloat16 with gradients adds a
+    bfloat16 dL/dp for the tensor-core GEMMs, float16 a float32 student row."""
     size, opmath = _elem_size(dtype), _elem_size(_opmath(dtype))
-    fixed = n * opmath + 4 * d_t * d_s * opmath + (n * d_s * size if with_grad else 0)
+    factors = e * (d_s + d_t)
+    fixed = n * opmath + opmath * (2 * d_t * d_s + factors)
+    if with_grad:
+        fixed += n * d_s * size + opmath * (d_t * d_s + factors) + size * factors
     per_row = d_t * opmath
     if dtype == torch.bfloat16 and with_grad:
         per_row += 2 * d_t
@@ -127,7 +131,7 @@ def auto_chunk_size(n: int, d_s: int, e: int, d_t: int, dtype: torch.dtype, devi
     (tests/library/test_lib_chunks.py measures the CPU op's peak against eager's)."""
     if device_type == "cpu":
         return 0
-    fixed, per_row = fused_bytes(n, d_s, d_t, dtype, with_grad)
+    fixed, per_row = fused_bytes(n, d_s, e, d_t, dtype, with_grad)
     rows = chunk_rows(n, per_row, memory_budget_bytes(n, d_s, e, d_t, dtype) - fixed)
     return max(rows, min(n, MIN_CHUNK_ROWS))
 

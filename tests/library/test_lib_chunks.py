@@ -60,7 +60,7 @@ def test_cuda_chunk_is_the_most_rows_within_a_quarter_of_eager(n, d_s, e, d_t, d
     peak, and one more row would not (or all rows fit: one chunk); or, where not even
     MIN_CHUNK_ROWS rows fit, the floor."""
     chunk = _lib.auto_chunk_size(n, d_s, e, d_t, dtype, "cuda", with_grad)
-    fixed, per_row = _lib.fused_bytes(n, d_s, d_t, dtype, with_grad)
+    fixed, per_row = _lib.fused_bytes(n, d_s, e, d_t, dtype, with_grad)
     budget = 0.25 * _lib.eager_peak_bytes(n, d_s, e, d_t, dtype)
     assert 1 <= chunk <= n
     if fixed + _lib.MIN_CHUNK_ROWS * per_row > budget:
@@ -85,9 +85,9 @@ def test_cpu_keeps_its_cache_sized_chunks():
 
 # ---------------------------------------------------------------- every chunking, the same result
 
-def fake_budget_for(chunks, n, d_s, d_t, dtype):
+def fake_budget_for(chunks, n, d_s, e, d_t, dtype):
     """A budget under which the CUDA policy cuts n rows into `chunks` chunks."""
-    fixed, per_row = _lib.fused_bytes(n, d_s, d_t, dtype, True)
+    fixed, per_row = _lib.fused_bytes(n, d_s, e, d_t, dtype, True)
     return fixed + -(-n // chunks) * per_row
 
 
@@ -98,7 +98,7 @@ def test_every_chunking_the_policy_picks_gives_the_reference_result(monkeypatch,
     through): the chunk the policy picks, run by the op (here the CPU kernel), gives the float64
     reference's loss and gradients."""
     n, d_s, e, d_t = 2500, 24, 96, 40
-    budget = fake_budget_for(chunks, n, d_s, d_t, dtype)
+    budget = fake_budget_for(chunks, n, d_s, e, d_t, dtype)
     monkeypatch.setattr(_lib, "memory_budget_bytes", lambda *a: budget)
     monkeypatch.setattr(_lib, "MIN_CHUNK_ROWS", 1)
     chunk = _lib.auto_chunk_size(n, d_s, e, d_t, dtype, "cuda", True)
@@ -179,7 +179,7 @@ def test_cuda_peak_within_a_quarter_of_eager(dtype):
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_cuda_faked_budgets_give_the_reference_result(monkeypatch, dtype, chunks):
     n, d_s, e, d_t = 2500, 24, 96, 40
-    budget = fake_budget_for(chunks, n, d_s, d_t, dtype)
+    budget = fake_budget_for(chunks, n, d_s, e, d_t, dtype)
     monkeypatch.setattr(_lib, "memory_budget_bytes", lambda *a: budget)
     monkeypatch.setattr(_lib, "MIN_CHUNK_ROWS", 1)
     inputs = make(n, d_s, e, d_t, dtype, device="cuda")
