@@ -126,18 +126,23 @@ distill = out / "distill_cuda.json"
 steps = {r["kd"]: r["steps/s"] for r in json.loads(distill.read_text())["rows"] if r["device"] == "cuda"} if distill.exists() else {}
 curves = out / "distill_curves_cuda.json"
 curve = json.loads(curves.read_text())["max relative difference"] if curves.exists() else {}
-def bar(name, value, goal, text):
+def bar(name, value, goal, text, at_most=False):
     if value is None:
         missing.append(name)
         lines.append(f"{name}: NO RESULT (its step failed)")
     else:
-        lines.append(f"{name}: {text} -> {'MET' if value >= goal else 'NOT MET'} (bar {goal:g})")
+        met = value <= goal if at_most else value >= goal
+        lines.append(f"{name}: {text} -> {'MET' if met else 'NOT MET'} (bar {'<=' if at_most else '>='} {goal:g})")
 bar("fused LIB bf16 vs torch.compile", fused and comp and comp / fused, 2.0,
     f"{fused:.3f} ms vs {comp:.3f} ms = {comp / fused:.2f}x" if fused and comp else "")
 g, e = steps.get("fused-graphs"), steps.get("fused")
 bar("CUDA-graph step vs eager fused step", g and e and g / e, 3.0,
     f"{g:.1f} vs {e:.1f} steps/s = {g / e:.2f}x; loss curve max difference {curve.get('fused-graphs', float('nan')):.3g}" if g and e else "")
 bar("cosine bf16, % of copy", cos, 85.0, f"{cos:.1f}% of copy" if cos is not None else "")
+for dtype in ("float32", "bfloat16"):
+    mem = next((float(r["peak % eager"]) for r in rows if r["bench"] == "lib" and r["dtype"] == dtype
+                and r["impl"] == "pycosdist" and r.get("peak % eager")), None)
+    bar(f"fused LIB {dtype} peak memory, % of eager", mem, 25.0, f"{mem:.1f}%" if mem is not None else "", at_most=True)
 (out / "bars.txt").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 sys.exit(1 if missing else 0)
