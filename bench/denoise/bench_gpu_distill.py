@@ -191,6 +191,9 @@ def main() -> None:
     parser.add_argument("--student", default="student_quarter")
     parser.add_argument("--kd-weight", type=float, default=1.0, help="lambda")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--static", nargs="*", default=["graphs", "compile"], choices=["graphs", "compile"],
+                        help="static (launch-free) variants of the fused step: one CUDA graph (CUDA only), "
+                             "torch.compile(mode='reduce-overhead')")
     parser.add_argument("--curve-steps", type=int, default=100, help="steps of the loss-curve comparison")
     parser.add_argument("--curve-tol", type=float, default=2e-2,
                         help="largest allowed difference between a static step's loss curve and the eager one, "
@@ -202,7 +205,7 @@ def main() -> None:
         sys.exit(1)
     import pycosdist
 
-    static = ("fused-graphs", "fused-compile") if args.device == "cuda" else ("fused-compile",)
+    static = tuple(f"fused-{kind}" for kind in args.static if args.device == "cuda" or kind != "graphs")
     rows = run_interleaved(("task-only", "fused", "reference-compiled", *static), args, args.device, args.steps,
                            args.rounds, amp=True)
     if args.cpu_steps > 0 and args.device == "cuda":
