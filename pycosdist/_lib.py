@@ -106,7 +106,7 @@ def chunk_rows(n_rows: int, bytes_per_row: int, budget_bytes: int) -> int:
     for name, value in (("n_rows", n_rows), ("bytes_per_row", bytes_per_row)):
         if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
             raise ValueError(f"pycosdist: `{name}` must be an int >= 0, got {value!r}")
-    if n_rows * bytes_per_row <= budget_bytes:
+    if n_rows * bytes_per_row <= budget_bytes or bytes_per_row == 0:
         return max(n_rows, 1)
     return max(1, int(budget_bytes) // bytes_per_row)
 

@@ -40,6 +40,7 @@ def test_chunk_rows_one_chunk_when_it_fits():
     assert _lib.chunk_rows(1000, 64, 10) == 1               # too small for a row: one at a time
     assert _lib.chunk_rows(1000, 64, -5) == 1
     assert _lib.chunk_rows(0, 64, 0) == 1                   # no rows: a valid chunk for an empty call
+    assert _lib.chunk_rows(1000, 0, -5) == 1000             # rows that cost nothing (D_t = 0) always fit
 
 
 @pytest.mark.parametrize("name,args", [("n_rows", (-1, 8, 10)), ("n_rows", (2.5, 8, 10)),
