@@ -84,6 +84,43 @@ def test_cpu_keeps_its_cache_sized_chunks():
     assert _lib.auto_chunk_size(65536, 256, 1024, 512, torch.float32, "cpu", True) == 0
 
 
+class RecordingOps:
+    """Stands in for torch.ops.pycosdist in pycosdist._lib: records the chunk_size each call passes."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.pycosdist, name)
+
+        def call(*args):
+            if name.startswith("lib_cosine_distance"):
+                self.chunks.append(args[7] if name.endswith("forward") else args[-1])
+            return op(*args)
+        return call
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_the_loss_passes_the_policys_chunk_to_the_op(monkeypatch, with_grad):
+    """chunk_size=None asks auto_chunk_size about this call (rows, widths, dtype, device, whether
+    gradients are computed) and hands its answer to the op; an explicit chunk_size goes as given."""
+    n, d_s, e, d_t = 700, 16, 64, 24
+    asked = []
+
+    def policy(*args):
+        asked.append(args)
+        return 123
+    monkeypatch.setattr(_lib, "auto_chunk_size", policy)
+    monkeypatch.setattr(_lib, "_ops", RecordingOps())
+    s, t, *params = make(n, d_s, e, d_t, torch.float32)
+    for x in (s, *params):
+        x.requires_grad_(with_grad)
+    pycosdist.lib_cosine_distance_loss(s, t, *params)
+    pycosdist.lib_cosine_distance_loss(s, t, *params, chunk_size=333)
+    assert asked == [(n, d_s, e, d_t, torch.float32, "cpu", with_grad)]
+    assert _lib._ops.chunks == [123, 333]
+
+
 # ---------------------------------------------------------------- every chunking, the same result
 
 def fake_budget_for(chunks, n, d_s, e, d_t, dtype):
