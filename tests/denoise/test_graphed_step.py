@@ -30,8 +30,10 @@ def setup(mode, device="cpu", **kw):
     """A tiny teacher / student pair with the fused cosine + LIB KD, AdamW, and its static step;
     the same initial weights for every mode."""
     torch.manual_seed(0)
-    teacher = distill.freeze(build_model(preset("teacher", channels=(4, 8))).to(device))
-    student = build_model(preset("teacher", channels=(2, 4))).to(device)
+    # one level, one bottleneck layer: the fewest kernels for inductor to compile (a cold CPU compile
+    # of a 2-level model took minutes on a loaded 2-core machine)
+    teacher = distill.freeze(build_model(preset("teacher", channels=(4,), bottleneck_layers=1)).to(device))
+    student = build_model(preset("teacher", channels=(2,), bottleneck_layers=1)).to(device)
     c_s, f_s, _ = student.latent_shape()
     c_t, f_t, _ = teacher.latent_shape()
     kd = distill.make_kd_loss("cosine_lib", (c_s, f_s, 1), (c_t, f_t, 1), expansion=2).to(device)
