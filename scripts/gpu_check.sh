@@ -29,6 +29,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=bench/results/gpu
+export PY OUT  # the step functions run in child shells (under timeout)
 export PATH="$PATH:/usr/local/cuda/bin"
 
 die() { echo "gpu-check: $*" >&2; exit 1; }
@@ -68,6 +69,10 @@ step() {  # step NAME LOG CAP COMMAND...: runs COMMAND for at most CAP s (and th
     return 1
   fi
   [ "$cap" -lt "$left" ] || cap=$left
+  if declare -F "$1" >/dev/null; then  # a function of this script: timeout runs it in a child bash
+    local fn=$1
+    set -- bash -c "$(declare -f "$fn"); $fn"
+  fi
   local t0=$SECONDS
   timeout --kill-after=10 "$cap" "$@" 2>&1 | tee "$OUT/$log"
   local rc=${PIPESTATUS[0]}
