@@ -7,10 +7,15 @@ KD loss, backward, optimizer update) run on static shapes, either
 - ``"cuda_graphs"``: the whole step captured once into one ``torch.cuda.CUDAGraph`` and replayed
   (one launch per step); CUDA only.
 
-Why: a small student's step is bound by the host queuing hundreds of small kernels (measured on
-an H100: the fused KD step at 65.7 steps/s against 70.2 for the task loss alone, with the GPU
-mostly idle). Static shapes are what both need: fixed crops (``data.segment_seconds``), a fixed
-batch, and the teacher latent copied into a static buffer (from the teacher-latent cache).
+Why: a small student's step is bound by the host queuing hundreds of small kernels (on an H100,
+bench/results/gpu: the fused KD step at 65.7 steps/s, the task loss alone at 70.2; a fused KD op
+saves GPU time the host-bound step cannot show). Static shapes are what both need: fixed crops
+(``data.segment_seconds``), a fixed batch, and the teacher latent copied into a static buffer
+(from the teacher-latent cache).
+
+Training: ``train.cuda_graphs = true`` makes :class:`pycosdist.denoise.step.TrainStep` run every
+full batch through a ``cuda_graphs`` step (one per training phase; a smaller last batch runs
+eagerly). Off by default: it has not been run on a GPU yet (``make gpu-check`` runs its test).
 
 The step is numerically the eager step: the same ops in the same order on the same data. The
 first ``warmup`` calls run eagerly (on a side stream for ``cuda_graphs``, as capture requires) and
@@ -98,6 +103,11 @@ class StaticStep:
         return {k: v.detach().clone() for k, v in losses.items()}
 
     # --- calls ---------------------------------------------------------------------------------------------
+    def accepts(self, *inputs: Tensor) -> bool:
+        """Whether ``inputs`` have the shapes, dtypes and devices of the first call (e.g. not the
+        smaller last batch of an epoch), i.e. whether this step can run them."""
+        return self._shapes is None or _signature(inputs) == self._shapes
+
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
         shapes = _signature(inputs)
         if self._shapes is None:
@@ -138,6 +148,20 @@ class StaticStep:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._static_losses = self._body(self._static_inputs, zero_grad=False)
+
+
+def check_cuda_graphs(device: torch.device, amp: str, world: int) -> None:
+    """What ``train.cuda_graphs = true`` needs, checked before a run starts: a CUDA device, no fp16
+    GradScaler (its inf check reads the host), one process (DDP's gradient hooks are not captured here)."""
+    if device.type != "cuda":
+        raise ValueError(f"train.cuda_graphs: captures the step in a CUDA graph and needs a CUDA device, but the run "
+                         f"is on {device} (train.device); set train.cuda_graphs=false")
+    if amp == "fp16":
+        raise ValueError("train.cuda_graphs: fp16's GradScaler checks for overflow on the host every step, which a "
+                         "CUDA graph cannot; use train.amp=bf16 or none, or train.cuda_graphs=false")
+    if world > 1:
+        raise ValueError(f"train.cuda_graphs: one process only (this run has {world} under torchrun); "
+                         f"set train.cuda_graphs=false")
 
 
 def distillation_loss_fn(student: nn.Module, kd: nn.Module | None, task_loss: Callable[..., Tensor],

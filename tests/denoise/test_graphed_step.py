@@ -101,3 +101,46 @@ def test_cuda_static_step_has_the_eager_loss_curve(mode):
     eager = loss_curve("eager", "cuda", capturable=True)
     static = loss_curve(mode, "cuda", capturable=True)
     torch.testing.assert_close(static, eager, rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------- train.cuda_graphs (the training hook)
+
+def test_cuda_graphs_setting_is_checked_before_a_run():
+    from pycosdist.denoise import config, training
+
+    cfg = config.load_config(overrides=["train.cuda_graphs=true", "train.device=cpu"])
+    with pytest.raises(ValueError, match=r"train.cuda_graphs: captures the step in a CUDA graph and needs a CUDA "
+                                         r"device, but the run is on cpu"):
+        training.check_train_config(cfg)
+
+
+@pytest.mark.parametrize("amp,world,match", [("fp16", 1, "fp16's GradScaler"), ("bf16", 2, "one process only")])
+def test_cuda_graphs_refuses_what_a_graph_cannot_hold(amp, world, match):
+    from pycosdist.denoise.graphed_step import check_cuda_graphs
+
+    with pytest.raises(ValueError, match=match):
+        check_cuda_graphs(torch.device("cuda"), amp, world)
+    check_cuda_graphs(torch.device("cuda"), "bf16", 1)  # what it accepts: no error
+
+
+@cuda
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_training_step_with_cuda_graphs_has_the_eager_losses(amp):
+    """TrainStep.run with train.cuda_graphs: the eager step's losses (and lr schedule) over 12 steps,
+    the last batch smaller (it runs eagerly)."""
+    from pycosdist.denoise import config
+    from pycosdist.denoise.step import TrainStep
+
+    curves = {}
+    for graphs in (False, True):
+        cfg = config.load_config(overrides=["model.channels=[4, 8]", "model.bottleneck_layers=1", f"train.amp={amp}",
+                                            f"train.cuda_graphs={str(graphs).lower()}", "train.device=cuda"])
+        torch.manual_seed(0)
+        step = TrainStep(cfg, torch.device("cuda"), torch.bfloat16 if amp == "bf16" else None, 16, 12)
+        data = batches(12, "cuda")
+        data[-1] = (data[-1][0][:1], data[-1][1][:1])
+        curves[graphs] = torch.tensor([[float(v) for v in step.run(noisy, clean, None, 1.0, 1, "test").values()]
+                                       for noisy, clean in data])
+        curves[graphs, "lr"] = float(step.optimizer.param_groups[0]["lr"])
+    torch.testing.assert_close(curves[True], curves[False], rtol=1e-3, atol=1e-5)
+    assert curves[True, "lr"] == pytest.approx(curves[False, "lr"])
