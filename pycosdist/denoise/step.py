@@ -203,9 +203,11 @@ class TrainStep:
         ``phase``: see :meth:`phase`."""
         inputs = (noisy, clean) if t_lat is None else (noisy, clean, t_lat)
         if self.static_steps is not None:
-            static = self.static_steps.setdefault(phase, StaticStep(
-                lambda *x: self.compute_loss(*x[:2], x[2] if len(x) > 2 else None, phase), self.params,
-                self.optimizer, mode="cuda_graphs", grad_clip=self.cfg["train"]["grad_clip"]))
+            if phase not in self.static_steps:
+                self.static_steps[phase] = StaticStep(
+                    lambda *x: self.compute_loss(*x[:2], x[2] if len(x) > 2 else None, phase), self.params,
+                    self.optimizer, mode="cuda_graphs", grad_clip=self.cfg["train"]["grad_clip"])
+            static = self.static_steps[phase]
             if static.accepts(*inputs):  # else (a smaller last batch) the eager step below
                 losses = static(*inputs)  # the finite check follows the update: the run stops all the same
                 self.check_finite(losses, world, where)
