@@ -56,6 +56,86 @@ def check_options(eps, reduction: str, layout: str, chunk_size) -> None:
         raise ValueError(f"pycosdist: `chunk_size` must be None (automatic) or an int >= 1, got {chunk_size!r}")
 
 
+# ---- the automatic row chunk: a memory budget, not a fixed count ----
+# The fused loss's only row-proportional intermediates are its chunk buffers (the projection of a
+# chunk, and its dL/dp), so the chunk is the memory knob: as many rows as the call may spend, all
+# of them (one chunk: fewest GEMMs and launches) when they fit. What a call may spend: a quarter of
+# what the unfused reference (eager PyTorch autograd) needs for the same forward + backward.
+
+EAGER_MEMORY_FRACTION = 0.25
+MIN_CHUNK_ROWS = 1024
+
+
+def _elem_size(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+def eager_peak_bytes(n: int, d_s: int, e: int, d_t: int, dtype: torch.dtype) -> int:
+    """A lower bound of the peak extra memory (above inputs and parameters) of the unfused reference
+    :func:`pycosdist.reference.lib_cosine_distance_loss`, forward + backward, in ``dtype``: when
+    autograd runs the backward of the LIB's second linear it holds the (N, E) hidden activation,
+    its gradient and the (N, D_t) projection's gradient at once, and that linear's parameter
+    gradients (tests/library/test_lib_chunks.py checks the bound against the measured peak)."""
+    return _elem_size(dtype) * (n * (2 * e + d_t) + d_t * e + d_t)
+
+
+def fused_bytes(n: int, d_s: int, e: int, d_t: int, dtype: torch.dtype, with_grad: bool) -> tuple[int, int]:
+    """The CUDA op's own allocations as (fixed bytes, bytes per chunk row), from its buffers
+    (csrc/lib_cosine_loss/lib_cosine_loss_cuda.cpp, csrc/common/lib_fold.h). Fixed: the per-row
+    distances; with_grad, the student gradient; the weight-sized buffers (the folded W and its
+    GEMM-dtype copy, dW, the factors in opmath, the factor gradients in opmath and in the input
+    dtype). Per row: the opmath projection, overwritten by dL/dp; bfloat16 with gradients adds a
+    bfloat16 dL/dp for the tensor-core GEMMs, float16 a float32 student row."""
+    size, opmath = _elem_size(dtype), _elem_size(_opmath(dtype))
+    factors = e * (d_s + d_t)
+    fixed = n * opmath + opmath * (2 * d_t * d_s + factors)
+    if with_grad:
+        fixed += n * d_s * size + opmath * (d_t * d_s + factors) + size * factors
+    per_row = d_t * opmath
+    if dtype == torch.bfloat16 and with_grad:
+        per_row += 2 * d_t
+    if dtype == torch.float16:
+        per_row += 4 * d_s
+    return fixed, per_row
+
+
+def chunk_rows(n_rows: int, bytes_per_row: int, budget_bytes: int) -> int:
+    """Rows per chunk: all ``n_rows`` (one chunk) when ``n_rows * bytes_per_row`` fits in
+    ``budget_bytes``, else the most rows that fit, and at least 1 (a budget too small for one row
+    still runs, one row at a time)."""
+    for name, value in (("n_rows", n_rows), ("bytes_per_row", bytes_per_row)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
+            raise ValueError(f"pycosdist: `{name}` must be an int >= 0, got {value!r}")
+    if n_rows * bytes_per_row <= budget_bytes or bytes_per_row == 0:
+        return max(n_rows, 1)
+    return max(1, int(budget_bytes) // bytes_per_row)
+
+
+def memory_budget_bytes(n: int, d_s: int, e: int, d_t: int, dtype: torch.dtype) -> int:
+    """What one call of the fused loss may allocate in all: EAGER_MEMORY_FRACTION of the unfused
+    reference's peak (:func:`eager_peak_bytes`). Tests replace this function to fake a budget."""
+    return int(EAGER_MEMORY_FRACTION * eager_peak_bytes(n, d_s, e, d_t, dtype))
+
+
+def auto_chunk_size(n: int, d_s: int, e: int, d_t: int, dtype: torch.dtype, device_type: str,
+                    with_grad: bool) -> int:
+    """The op's chunk_size argument for ``chunk_size=None``.
+
+    CUDA: the most rows that fit in :func:`memory_budget_bytes` after the fixed buffers
+    (:func:`fused_bytes`), all of them (one chunk) when they fit; never fewer than
+    MIN_CHUNK_ROWS rows (or N): a small call's weight-sized buffers may outweigh a quarter of
+    eager's few rows, and smaller GEMMs would only add launches. The 25% bound therefore holds for
+    calls of more than a few thousand rows.
+    CPU: 0, the kernel's own cache-sized chunks (about 2 MiB of projection rows per thread, so
+    that they stay in L2 between its GEMMs): far below the budget at any size where it matters
+    (tests/library/test_lib_chunks.py measures the CPU op's peak against eager's)."""
+    if device_type == "cpu":
+        return 0
+    fixed, per_row = fused_bytes(n, d_s, e, d_t, dtype, with_grad)
+    rows = chunk_rows(n, per_row, memory_budget_bytes(n, d_s, e, d_t, dtype) - fixed)
+    return max(rows, min(n, MIN_CHUNK_ROWS))
+
+
 # ---- argument checks of the fake (meta) kernels: the real kernels' checks, with the same messages
 # (csrc/common/checks.h, csrc/lib_projection/lib_projection_checks.h, csrc/lib_cosine_loss/...checks.h)
 
@@ -318,8 +398,11 @@ def lib_cosine_distance_loss(student_latent: Tensor, teacher_latent: Tensor, w1:
     of :func:`pycosdist.reference.fold_lib`), so the (N, E) hidden activation never exists and
     the FLOPs drop about e-fold; the gradients of w1, b1, w2, b2 follow from W's by the chain
     rule, so training (the factorized parameters, their gradients) is unchanged.
-    chunk_size: rows per chunk (None: automatic, a few MB of intermediates); only a
-    (chunk, D_t) projection ever exists. Half types compute in float32 (folded weights, GEMM
+    chunk_size: rows per chunk; only a (chunk, D_t) projection ever exists. None (automatic): the
+    most rows that keep the call's peak extra memory (intermediates, the distances and the
+    gradients it returns) within 25% of the unfused eager reference's, and all rows in one chunk
+    when they fit (fewest GEMMs and launches); on the CPU, cache-sized chunks (a few MiB per
+    thread). See :func:`auto_chunk_size` and :func:`memory_budget_bytes`. Half types compute in float32 (folded weights, GEMM
     accumulation, every intermediate); the result has the input dtype. Under ``torch.autocast``
     arguments of different dtypes (e.g. a bfloat16 student latent with float32 teacher and
     weights) are promoted to the widest. Numerics: float32 rows whose squared norms over- or
@@ -359,6 +442,9 @@ def lib_cosine_distance_loss(student_latent: Tensor, teacher_latent: Tensor, w1:
     student, teacher, w1, b1, w2, b2 = _cast(cast, student, teacher, w1, b1, w2, b2)
     compute_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (student, w1, b1, w2, b2))
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(student.shape[0], student.shape[1], w1.shape[0], teacher.shape[1], student.dtype,
+                                     student.device.type, compute_grad)
     with _no_autocast(student):
-        return _LibCosineDistanceLoss.apply(student, teacher, w1, b1, w2, b2, float(eps), reduction, chunk_size or 0,
+        return _LibCosineDistanceLoss.apply(student, teacher, w1, b1, w2, b2, float(eps), reduction, chunk_size,
                                             compute_grad)

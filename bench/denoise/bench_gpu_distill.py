@@ -1,23 +1,32 @@
 """A short GPU distillation run, self-contained (no dataset, no training CLI): the demo teacher and
 student (pycosdist.denoise.models presets) on random audio, N optimizer steps of
 
-    task loss + lambda * KD loss      under torch.autocast(bfloat16) for the models
+    task loss + lambda * KD loss      under torch.autocast(bfloat16) for the student
 
 with the KD loss either pycosdist's fused CosineLIBDistillationLoss or torch.compile of the
-float64-free pure-PyTorch reference (pycosdist.reference.lib_cosine_distance_loss, the eager
-idiom: two Linear layers, then the cosine distance), plus a task-only run (the floor). The KD loss
-runs in float32 on the (bfloat16) latents cast up, as losses usually do under autocast; the same
-for both KD variants. All variants are built and warmed up first, then timed in interleaved
-rounds (a rotated order each round, so that host or clock drift hits all alike); reports the
-median round's steps/s (and the slowest / fastest round), seconds of audio per second, each
-variant's peak GPU memory and the loss before / after, and the same step's throughput on the
-CPU (float32, fused KD) for comparison.
+pure-PyTorch reference (pycosdist.reference.lib_cosine_distance_loss, the eager idiom: two Linear
+layers, then the cosine distance), plus a task-only run (the floor), and the fused step made
+launch-free (pycosdist.denoise.graphed_step.StaticStep): captured whole into one CUDA graph
+("fused-graphs") and torch.compile(mode="reduce-overhead") ("fused-compile"). Every variant runs
+the same step (graphed_step.distillation_loss_fn, Adam with capturable=True) on the same 4 batches,
+whose teacher latents are computed once beforehand (as training's teacher-latent cache does): the
+variants differ only in the KD loss and in how the step is launched. The KD loss runs in float32
+on the (bfloat16) latents cast up, as losses usually do under autocast.
+
+All variants are built and warmed up first, then timed in interleaved rounds (a rotated order each
+round, so that host or clock drift hits all alike); reports the median round's steps/s (and the
+slowest / fastest round), seconds of audio per second, each variant's peak GPU memory and the loss
+before / after, and the same step's throughput on the CPU (float32, fused KD) for comparison.
+Then the loss curves: every static variant and the eager fused one, each from the same initial
+weights, over the first --curve-steps steps; the largest difference from the eager curve,
+relative to the eager loss, must stay within --curve-tol (bf16 tolerance), else the script fails
+(exit 1) after writing its results.
 
     PYTHONPATH=. python bench/denoise/bench_gpu_distill.py [--steps 300] [--out-dir bench/results/gpu]
 
-Needs torch (CUDA build) and numpy only: no audio files, no pesq / pystoi / soundfile. Runs in well
-under 10 minutes on an H100 (the demo models are small; torch.compile's warm-up dominates).
-With --device cpu it runs the same loop on the CPU (a smoke test).
+Needs torch (CUDA build) and numpy only: no audio files, no pesq / pystoi / soundfile. Runs in a
+few minutes on an H100 (the demo models are small; torch.compile's warm-up dominates).
+With --device cpu it runs the same loop on the CPU (a smoke test; no CUDA-graph variant there).
 """
 
 from __future__ import annotations
@@ -72,39 +81,40 @@ def _kd_module(kind: str, d_s: int, d_t: int):
 
 
 class Variant:
-    """One variant's models, optimizer and data, ready to step (built before any timing, so
+    """One variant's models, optimizer, data and step, ready to step (built before any timing, so
     every variant pays the same set-up outside the timed region)."""
 
     def __init__(self, kind: str, args, device: str, amp: bool):
         from pycosdist.denoise import distill
+        from pycosdist.denoise.graphed_step import StaticStep, distillation_loss_fn
         from pycosdist.denoise.models import build_model
 
         torch.manual_seed(0)
         self.kind, self.device, self.amp, self.args = kind, device, amp, args
-        self.distill = distill
-        self.teacher = distill.freeze(build_model(args.teacher).to(device))
+        teacher = distill.freeze(build_model(args.teacher).to(device))
         self.student = build_model(args.student).to(device)
         c_s, f_s, _ = self.student.latent_shape()
-        c_t, f_t, _ = self.teacher.latent_shape()
-        self.kd = None if kind == "task-only" else _kd_module(kind, c_s * f_s, c_t * f_t).to(device)
+        c_t, f_t, _ = teacher.latent_shape()
+        kd_kind = {"task-only": None, "reference-compiled": "reference-compiled"}.get(kind, "fused")
+        self.kd = None if kd_kind is None else _kd_module(kd_kind, c_s * f_s, c_t * f_t).to(device)
         params = list(self.student.parameters()) + (list(self.kd.parameters()) if self.kd is not None else [])
-        self.opt = torch.optim.Adam(params, lr=1e-3)
-        self.batches = [_audio(args.batch, int(args.seconds * 16000), device, seed) for seed in range(4)]
+        self.opt = torch.optim.Adam(params, lr=1e-3, capturable=device == "cuda")
+        mode = {"fused-graphs": "cuda_graphs", "fused-compile": "compile"}.get(kind, "eager")
+        loss_fn = distillation_loss_fn(self.student, self.kd, distill.task_loss, args.kd_weight,
+                                       torch.bfloat16 if amp else None)
+        self.static = StaticStep(loss_fn, params, self.opt, mode=mode)
+        self.batches = []
+        for seed in range(4):  # the teacher-latent cache: computed once, outside every timed step
+            clean, noisy = _audio(args.batch, int(args.seconds * 16000), device, seed)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+                t_lat = distill.teacher_latent(teacher, noisy)
+            self.batches.append((noisy, clean, t_lat))
         self.done = 0
 
     def step(self) -> torch.Tensor:
-        clean, noisy = self.batches[self.done % len(self.batches)]
+        noisy, clean, t_lat = self.batches[self.done % len(self.batches)]
         self.done += 1
-        with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.amp):
-            t_lat = self.distill.teacher_latent(self.teacher, noisy)
-            enhanced, s_lat, enhanced_spec = self.student.enhance_with_latent(noisy)
-            loss = self.distill.task_loss(enhanced_spec, enhanced.float(), clean, self.student.stft)
-        if self.kd is not None:
-            loss = loss + self.args.kd_weight * self.kd(s_lat.float(), t_lat.float())
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
+        return self.static(noisy, clean, t_lat)["loss"]
 
     def timed(self, steps: int) -> float:
         """Steps per second over `steps` steps."""
@@ -115,6 +125,17 @@ class Variant:
         float(last)  # waits for the last step
         _sync(self.device)
         return steps / (time.perf_counter() - start)
+
+
+def loss_curves(kinds, args, device: str, steps: int, amp: bool) -> dict[str, list[float]]:
+    """Each variant's first `steps` losses, from the same initial weights and batches (no host
+    synchronisation inside the loop: the losses are read at the end)."""
+    curves = {}
+    for kind in kinds:
+        v = Variant(kind, args, device, amp)
+        losses = [v.step() for _ in range(steps)]
+        curves[kind] = [float(x) for x in losses]
+    return curves
 
 
 def _sync(device: str) -> None:
@@ -170,6 +191,13 @@ def main() -> None:
     parser.add_argument("--student", default="student_quarter")
     parser.add_argument("--kd-weight", type=float, default=1.0, help="lambda")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--static", nargs="*", default=["graphs", "compile"], choices=["graphs", "compile"],
+                        help="static (launch-free) variants of the fused step: one CUDA graph (CUDA only), "
+                             "torch.compile(mode='reduce-overhead')")
+    parser.add_argument("--curve-steps", type=int, default=100, help="steps of the loss-curve comparison")
+    parser.add_argument("--curve-tol", type=float, default=2e-2,
+                        help="largest allowed difference between a static step's loss curve and the eager one, "
+                             "relative to the largest eager loss (bf16 tolerance)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "gpu")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -177,7 +205,8 @@ def main() -> None:
         sys.exit(1)
     import pycosdist
 
-    rows = run_interleaved(("task-only", "fused", "reference-compiled"), args, args.device, args.steps,
+    static = tuple(f"fused-{kind}" for kind in args.static if args.device == "cuda" or kind != "graphs")
+    rows = run_interleaved(("task-only", "fused", "reference-compiled", *static), args, args.device, args.steps,
                            args.rounds, amp=True)
     if args.cpu_steps > 0 and args.device == "cuda":
         cpu_args = copy.copy(args)
@@ -207,6 +236,29 @@ def main() -> None:
     (args.out_dir / f"distill_{args.device}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1,
                                                                          default=str))
     print(f"wrote {path}")
+
+    # The loss curves: each static step against the eager fused one, same weights, same batches.
+    curves = loss_curves(("fused", *static), args, args.device, args.curve_steps, amp=True)
+    eager = curves["fused"]
+    scale = max(abs(x) for x in eager)
+    report = {"steps": args.curve_steps, "tolerance (relative to the largest eager loss)": args.curve_tol,
+              "device": info["device"], "curves": curves, "max relative difference": {}}
+    failed = []
+    for kind in static:
+        diff = max(abs(a - b) for a, b in zip(curves[kind], eager)) / scale
+        report["max relative difference"][kind] = diff
+        ok = diff <= args.curve_tol and all(x == x for x in curves[kind])  # x == x: not NaN
+        print(f"loss curve, {kind} vs eager fused, first {args.curve_steps} steps: max difference {diff:.3g} of the "
+              f"largest loss ({'ok' if ok else 'FAILED'}, tolerance {args.curve_tol:g}); eager "
+              f"{eager[0]:.4f} -> {eager[-1]:.4f}, {kind} {curves[kind][0]:.4f} -> {curves[kind][-1]:.4f}")
+        if not ok:
+            failed.append(kind)
+    path = args.out_dir / f"distill_curves_{args.device}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    if failed:
+        print(f"bench_gpu_distill: the loss curve of {failed} differs from the eager step's", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ gradient: what cosine_distance_forward_with_grad does; a forward-then-backward i
 5 * N * D), "% copy" compares it with a device-to-device copy (read + write) of the same run, the
 ceiling. Variants: pycosdist, the pure-PyTorch reference eager and torch.compile'd, and the usual
 idiom (1 - F.cosine_similarity(s, t)).mean() torch.compile'd. LIB loss: peak memory
-is torch.cuda.max_memory_allocated above what the inputs and parameters hold. Every time is a
+is torch.cuda.max_memory_allocated above what the inputs and parameters hold (and as a percentage
+of the eager reference's: the automatic chunk keeps pycosdist's within 25%); "CUDA kernels" and
+"ATen ops" count what one forward + backward launches and calls on the host (torch.profiler). Every time is a
 median. Prints Markdown tables and writes bench/results/cuda_<device>.csv (or, with --out-dir DIR,
 DIR/cuda_<device>.csv), each row with the device name and the torch and CUDA versions.
 """
@@ -81,6 +83,20 @@ def _peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def _launches(fn) -> tuple[int, int]:
+    """(CUDA kernels launched, host-side ATen ops called) by one call of fn, from the profiler: the
+    launch overhead a step pays on the host."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    aten = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
+    return kernels, aten
+
+
 def _liger_loss():
     """Liger-Kernel's fused linear cosine loss, if installed: one linear (our W2 W1 folded), the
     teacher side through an identity matrix, no hard loss. None when it is not available."""
@@ -118,14 +134,22 @@ def bench_lib(pycosdist, reference, dtype, n, d_s, d_t, expansion, quick):
             step()  # compile / warm-up
             peak = _peak_bytes(step)
             ms = median_time(step, "cuda", repeats=5 if quick else 15) * 1e3
+            try:
+                kernels, aten = _launches(step)
+            except Exception as exc:  # noqa: BLE001 - a profiler problem must not cost the timings
+                print(f"bench_cuda: counting the launches of {name} failed: {exc!r}", file=sys.stderr)
+                kernels = aten = -1
         except Exception as exc:  # noqa: BLE001 - e.g. an optional baseline's API changed: report, go on
             print(f"bench_cuda: {name} failed on LIB {dtype} N={n}: {exc!r}", file=sys.stderr)
             continue
         rows.append({"impl": name, "dtype": str(dtype).removeprefix("torch."), "N": n, "D_s": d_s, "E": e, "D_t": d_t,
-                     "ms": ms, "peak MiB": peak / 2**20})
+                     "ms": ms, "peak MiB": peak / 2**20, "peak % eager": float("nan"), "CUDA kernels": kernels,
+                     "ATen ops": aten})
     base = next((r["ms"] for r in rows if r["impl"] == "pycosdist"), None)
+    eager_peak = next((r["peak MiB"] for r in rows if r["impl"] == "eager"), None)
     for r in rows:
         r["x vs pycosdist"] = r["ms"] / base if base else float("nan")
+        r["peak % eager"] = 100 * r["peak MiB"] / eager_peak if eager_peak else float("nan")
     return rows
 
 
@@ -135,15 +159,15 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=None, help="write the CSV there (default bench/results)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench_cuda: no CUDA device (torch.cuda.is_available() is False): nothing to measure.")
-        return
+        print("bench_cuda: no CUDA device (torch.cuda.is_available() is False): nothing to measure.", file=sys.stderr)
+        sys.exit(1)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # pycosdist from this tree when not installed
     import pycosdist
     from pycosdist import reference
     if not pycosdist.build_info()["with_cuda"]:
         print("bench_cuda: pycosdist was built without its CUDA kernels (no CUDA compiler at build time): "
-              "rebuild with nvcc on PATH.")
-        return
+              "rebuild with nvcc on PATH.", file=sys.stderr)
+        sys.exit(1)
 
     device = machine_description("cuda")
     copy_gbs = copy_bandwidth_gbs(device="cuda")

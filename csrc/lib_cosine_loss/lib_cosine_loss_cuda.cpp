@@ -4,7 +4,8 @@
 // and the rows are processed in chunks, in one opmath buffer reused by every chunk (the
 // (N, E) hidden never exists, and the (N, D_t) projection exists one chunk at a time):
 //   p = s_c W^T + b                              (one cuBLAS GEMM through ATen, out= into the buffer)
-//   distance_c and dL/dp over p                  (one kernel: lib_cosine_loss_kernels.cu)
+//   distance_c and dL/dp over p                  (one kernel: lib_cosine_loss_kernels.cu; for bfloat16
+//                                                 it also adds b and writes the bfloat16 dL/dp)
 //   dW += dp^T s_c, db += sum dp, ds_c = dp W    (two GEMMs)
 // and at the end the gradients are mapped back to the factors:
 //   dW1 = W2^T dW, dW2 = dW W1^T + db b1^T, db1 = W2^T db, db2 = db.
@@ -64,10 +65,10 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
   at::Tensor dp_buf = tensor_cores && compute_grad ? at::empty({chunk, d.d_t}, s.options()) : at::Tensor();
   at::Tensor dw, db;
   Grads g;
-  if (compute_grad) {
-    g.student = at::empty({n, d.d_s}, s.options());  // (N, D_s)
-    dw = at::zeros({d.d_t, d.d_s}, acc);             // dL/dW (D_t, D_s)
-    if (b1 || b2) db = at::zeros({d.d_t}, acc);      // dL/db (D_t): needed for dW2 when b1 exists
+  if (compute_grad) {  // the first chunk writes dW and db, later ones add to them: no zero fill
+    g.student = at::empty({n, d.d_s}, s.options());                          // (N, D_s)
+    dw = n > 0 ? at::empty({d.d_t, d.d_s}, acc) : at::zeros({d.d_t, d.d_s}, acc);  // dL/dW (D_t, D_s)
+    if (b1 || b2) db = n > 0 ? at::empty({d.d_t}, acc) : at::zeros({d.d_t}, acc);  // dL/db (D_t): for dW2 when b1 exists
   }
   const at::Tensor wt = w.t();
   const cudaStream_t stream = current_cuda_stream();
@@ -78,8 +79,7 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
     at::Tensor x = convert ? x_buf.narrow(0, 0, c).copy_(s_c) : s_c;      // (c, D_s) in the GEMMs' dtype
     at::Tensor p = p_buf.narrow(0, 0, c);                                 // (c, D_t) opmath
     if (tensor_cores) {
-      at::mm_out(p, x, wt, opmath);
-      if (f.b) p.add_(*f.b);
+      at::mm_out(p, x, wt, opmath);  // the row kernel adds the bias
     } else if (f.b) {
       at::addmm_out(p, *f.b, x, wt);
     } else {
@@ -92,24 +92,42 @@ Grads run_chunks(const at::Tensor& student, const at::Tensor& teacher, const at:
           mut_ptr<A>(p), const_ptr<T>(t) + r0 * d.d_t, c, d.d_t, eps,
           distance.defined() ? mut_ptr<A>(distance) + r0 : nullptr,
           grad_rows.defined() ? const_ptr<A>(grad_rows) + r0 * grad_stride : nullptr, grad_stride, grad_scale,
-          compute_grad, stream));
+          compute_grad, tensor_cores && f.b ? const_ptr<A>(*f.b) : nullptr,
+          dp_buf.defined() ? mut_ptr<T>(dp_buf) : nullptr, stream));
     });
     if (!compute_grad) continue;
     // p now holds dL/dp. Everything below is queued on one stream: the GEMM that reads x
-    // runs before the one that overwrites it.
-    if (db.defined()) db.add_(p.sum(0));
+    // runs before the one that overwrites it. With one chunk (the automatic choice whenever the
+    // rows fit the memory budget, pycosdist/_lib.py) this is 4 launches (3 with no bias).
+    const bool first = r0 == 0;
+    if (db.defined()) {
+      if (first) {
+        at::sum_out(db, p, at::IntArrayRef{0});
+      } else {
+        db.add_(p.sum(0));
+      }
+    }
     at::Tensor gs_c = g.student.narrow(0, r0, c);
     if (tensor_cores) {
-      const at::Tensor dp = dp_buf.narrow(0, 0, c).copy_(p);  // (c, D_t) bf16
-      dw.add_(at::mm(dp.t(), x, opmath));
+      const at::Tensor dp = dp_buf.narrow(0, 0, c);  // (c, D_t) bf16, written by the row kernel
+      if (first) {
+        at::mm_out(dw, dp.t(), x, opmath);
+      } else {
+        dw.add_(at::mm(dp.t(), x, opmath));
+      }
       at::mm_out(gs_c, dp, w);
-    } else if (convert) {
-      dw.addmm_(p.t(), x);
-      at::mm_out(x, p, w);
-      gs_c.copy_(x);
     } else {
-      dw.addmm_(p.t(), x);
-      at::mm_out(gs_c, p, w);
+      if (first) {
+        at::mm_out(dw, p.t(), x);
+      } else {
+        dw.addmm_(p.t(), x);
+      }
+      if (convert) {
+        at::mm_out(x, p, w);
+        gs_c.copy_(x);
+      } else {
+        at::mm_out(gs_c, p, w);
+      }
     }
   }
   if (compute_grad) {  // the factor gradients by the chain rule (common/lib_fold.h)

@@ -44,6 +44,9 @@ DEFAULTS: dict[str, dict] = {
         "eval_workers": 2,  # processes scoring PESQ/STOI when valid_metric = "pesq"
         "device": "auto",  # "auto" (CUDA if available, else CPU) | "cpu" | "cuda" | "cuda:N"; torchrun: cuda:LOCAL_RANK
         "amp": "none",  # mixed precision: "none" | "bf16" (CPU or CUDA) | "fp16" (CUDA only, with a GradScaler)
+        # the whole step captured in one CUDA graph (graphed_step): CUDA, amp none/bf16, one process.
+        # Off by default until verified on a GPU (make gpu-check); the losses are the eager step's.
+        "cuda_graphs": False,
     },
     "loss": {
         "wave_weight": 10.0,  # task loss = L1(|Y|^0.3, |S|^0.3) + wave_weight * L1(y, s)
@@ -136,7 +139,7 @@ def check_value(key: str, value) -> None:
 
 
 # Keys that may change when a run is resumed (they do not change what is being trained).
-RESUMABLE_KEYS = ("train.epochs", "train.threads", "train.eval_workers")
+RESUMABLE_KEYS = ("train.epochs", "train.threads", "train.eval_workers", "train.cuda_graphs")
 
 
 def valid_keys() -> list[str]:

@@ -21,6 +21,7 @@ from . import distill
 from ..features import LatentDistiller
 from .checkpoint import load_model
 from .distributed import all_sum, wrap_ddp
+from .graphed_step import StaticStep
 from .models import UNetConfig, UNetDenoiser, build_model, preset
 
 # The U-Net submodule whose output is the latent the KD methods align (teacher and student).
@@ -105,7 +106,12 @@ class TrainStep:
 
     def _build_optimizer(self, steps_per_epoch: int) -> None:
         tc = self.cfg["train"]
-        self.optimizer = torch.optim.AdamW(self.params, lr=tc["lr"], weight_decay=tc["weight_decay"])
+        # train.cuda_graphs: a capturable AdamW whose lr is a device tensor the scheduler fills in place,
+        # so that the captured update reads each step's lr; one StaticStep per phase, captured lazily.
+        graphs = tc["cuda_graphs"]
+        self.static_steps: dict[str, StaticStep] | None = {} if graphs else None
+        lr = torch.tensor(tc["lr"], device=self.device) if graphs else tc["lr"]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=tc["weight_decay"], capturable=graphs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(tc["epochs"] * steps_per_epoch, tc["warmup_steps"], tc["min_lr_ratio"]))
         # fp16 gradients underflow without loss scaling; disabled, the scaler passes everything through.
@@ -126,6 +132,9 @@ class TrainStep:
         if self.kd is not None:
             self.kd.load_state_dict(ckpt["kd"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # the checkpoint may come from the other train.cuda_graphs
+            lr = float(group["lr"])
+            group["lr"] = torch.tensor(lr, device=self.device) if self.static_steps is not None else lr
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):  # absent in checkpoints written before train.amp; {} when disabled
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -136,10 +145,11 @@ class TrainStep:
         return self.distiller.teacher_latent(noisy.to(self.device))
 
     def autocast(self):
-        """``torch.autocast`` to ``train.amp``'s dtype, or nothing for ``amp = "none"``."""
+        """``torch.autocast`` to ``train.amp``'s dtype, or nothing for ``amp = "none"`` (without its
+        weight-cast cache under train.cuda_graphs: graph capture needs it off)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=self.static_steps is None)
 
     def phase(self, epoch: int) -> str:
         """What epoch ``epoch`` (0-based) trains on: "task" (no KD), "joint" (task + lambda * KD), or
@@ -191,6 +201,18 @@ class TrainStep:
         :meth:`pycosdist.denoise.batches.TrainingBatches.local_batches`); returns the losses.
         ``where`` ("epoch E, step S") names the step in the error a non-finite loss raises;
         ``phase``: see :meth:`phase`."""
+        inputs = (noisy, clean) if t_lat is None else (noisy, clean, t_lat)
+        if self.static_steps is not None:
+            if phase not in self.static_steps:
+                self.static_steps[phase] = StaticStep(
+                    lambda *x: self.compute_loss(*x[:2], x[2] if len(x) > 2 else None, phase), self.params,
+                    self.optimizer, mode="cuda_graphs", grad_clip=self.cfg["train"]["grad_clip"])
+            static = self.static_steps[phase]
+            if static.accepts(*inputs):  # else (a smaller last batch) the eager step below
+                losses = static(*inputs)  # the finite check follows the update: the run stops all the same
+                self.check_finite(losses, world, where)
+                self.scheduler.step()
+                return losses
         losses = self.compute_loss(noisy, clean, t_lat, phase)
         self.check_finite(losses, world, where)
         self.optimizer_step(losses["loss"] * share)

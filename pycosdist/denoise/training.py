@@ -71,6 +71,7 @@ from .batches import (FrameAlignedCrops, TeacherLatentCache, TrainingBatches, ca
 from .checkpoint import (CHECKPOINT_VERSION, load_checkpoint, load_model, resume_state, rng_state, save_checkpoint,
                          seed_everything, set_rng_state, to_cpu, write_history)
 from .devices import AMP_MODES, autocast_dtype, available_cores, loader_workers, resolve_device, set_threads
+from .graphed_step import check_cuda_graphs
 from .distributed import (all_sum, barrier, broadcast_from_rank0, dist_backend, distributed_env, init_distributed,
                           use_sync_batchnorm, wrap_ddp)
 from .models import HOP, UNetDenoiser, count_parameters
@@ -110,7 +111,10 @@ def check_train_config(cfg: dict) -> dict:
                          f"train.epochs ({tc['epochs']}), got {kc['kd_only_epochs']} with kd.method {kc['method']!r}")
     if kc["method"] != "none" and not kc["teacher"]:
         raise ValueError(f"kd.teacher: KD method {kc['method']!r} needs a teacher checkpoint")
-    autocast_dtype(tc["amp"], resolve_device(tc["device"], *distributed_env()))  # device and amp errors
+    device = resolve_device(tc["device"], *distributed_env())
+    autocast_dtype(tc["amp"], device)  # device and amp errors
+    if tc["cuda_graphs"]:
+        check_cuda_graphs(device, tc["amp"], distributed_env()[1])
     return cfg
 
 
@@ -258,7 +262,7 @@ class Run:
                 sums[k] += v.item() * share / self.world  # summed over ranks below: the global batch mean
             bar.set_postfix({k: f"{v / step:.4f}" for k, v in sums.items()})
         sums = dict(zip(sums, all_sum(list(sums.values()), self.world, self.device)))
-        return {"epoch": epoch + 1, "lr": self.train_step.optimizer.param_groups[0]["lr"],
+        return {"epoch": epoch + 1, "lr": float(self.train_step.optimizer.param_groups[0]["lr"]),  # a tensor under cuda_graphs
                 **{f"train_{k}": v / n_batches for k, v in sums.items()}}
 
     def validate(self, epoch: int) -> dict:

@@ -151,18 +151,25 @@ void cols_cases() {
 template <typename T>
 void lib_cases() {
   using A = opmath_t<T>;
-  for (int64_t D : {1, 5, 41, 48, 512}) for (int64_t N : {3, 60}) for (int grad_mode = 0; grad_mode < 3; ++grad_mode) {
+  // fused = 1: the bias added by the kernel, and dL/dp also written in T (the bfloat16 launcher's path)
+  for (int64_t D : {1, 5, 41, 48, 512}) for (int64_t N : {3, 60}) for (int grad_mode = 0; grad_mode < 3; ++grad_mode)
+  for (int fused = 0; fused < 2; ++fused) {
     std::vector<A> p(N * D + 4);
     std::normal_distribution<double> nd;
     for (auto& x : p) x = A(nd(rng));
     std::vector<T> tb = randbuf<T>(N * D);
     for (int64_t d = 0; d < D; ++d) tb[D + d] = make<T>(0);  // a zero teacher row
+    std::vector<A> bias(D, A(0));
+    if (fused) for (auto& x : bias) x = A(0.5 * nd(rng));
+    std::vector<T> copy(fused ? N * D : 0, make<T>(-7));
     std::vector<A> p0 = p, dist(N), g(N);
+    for (int64_t r = 0; r < N; ++r) for (int64_t d = 0; d < D; ++d) p0[r * D + d] += bias[d];  // what the kernel sees
     std::vector<double> gd(N);
     for (int64_t r = 0; r < N; ++r) g[r] = A(gd[r] = 0.5 * ((r % 5) - 2));
     const bool cg = grad_mode > 0;
     const A* gptr = grad_mode == 2 ? g.data() : nullptr;
-    check(lib_cosine_rows<T>(p.data(), tb.data(), N, D, 1e-8, dist.data(), gptr, 1, 0.25, cg, nullptr) == cudaSuccess, "lib rc");
+    check(lib_cosine_rows<T>(p.data(), tb.data(), N, D, 1e-8, dist.data(), gptr, 1, 0.25, cg, fused ? bias.data() : nullptr,
+                             fused ? copy.data() : nullptr, nullptr) == cudaSuccess, "lib rc");
 
     // reference by hand (teacher of type T)
     double worst = 0, worst_g = 0;
@@ -181,10 +188,16 @@ void lib_cases() {
         worst_g = std::max(worst_g, std::abs(double(p[r * D + d]) - want) / (scale + 1e-300));
       }
     }
-    const std::string tag = std::string("lib ") + name<T>() + " N=" + std::to_string(N) + " D=" + std::to_string(D) + " mode=" + std::to_string(grad_mode);
+    const std::string tag = std::string("lib ") + name<T>() + " N=" + std::to_string(N) + " D=" + std::to_string(D) + " mode=" + std::to_string(grad_mode) + " fused=" + std::to_string(fused);
     check(worst <= (sizeof(A) == 4 ? 2e-5 : 1e-12), tag + " dist " + std::to_string(worst));
     check(worst_g <= (sizeof(A) == 4 ? 2e-5 : 1e-12), tag + " grad " + std::to_string(worst_g));
-    if (!cg) check(p == p0, tag + " p changed without grad");
+    if (!cg) check(p == p0, tag + " p is not the projection (+ bias) without grad");
+    if (fused && cg) {  // the T copy of dL/dp: exactly p rounded once
+      bool same = true;
+      for (int64_t i = 0; i < N * D; ++i) same &= val(copy[i]) == val(make<T>(double(p[i])));
+      check(same, tag + " grad copy");
+    }
+    if (fused && !cg) check(std::all_of(copy.begin(), copy.end(), [](T x) { return val(x) == -7; }), tag + " copy written without grad");
   }
 }
 
