@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("enhance", help="denoise audio files (any rate / channels; written as 16 kHz mono)")
     p.add_argument("inputs", type=Path, nargs="+", help="audio files or folders (searched recursively)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="a training checkpoint (.pt) or an exported model (.ts, .onnx; see `pycosdist export`)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a training checkpoint (.pt) or an exported model (.ts, .onnx; see `pycosdist export`); "
+                        "default: the pretrained student shipped with pycosdist (pycosdist.denoise.pretrained)")
     p.add_argument("--device", default="cpu",
                    help="where a .pt model runs: cpu (the default), auto (CUDA if available), cuda, cuda:N; "
                         "exported models run on the CPU")
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("report"))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--train-teacher", action="store_true",
+                   help="train the demo teacher (about 4 minutes) instead of distilling from the shipped pretrained one")
     return parser
 
 
@@ -171,6 +174,13 @@ def cmd_enhance(args) -> int:
     from .training import resolve_device, set_threads
 
     set_threads(0)
+    if args.checkpoint is None:
+        from . import pretrained
+
+        shipped = pretrained.available()
+        if not shipped:
+            raise FileNotFoundError("--checkpoint: this installation ships no pretrained model; pass a checkpoint")
+        args.checkpoint = pretrained.path("student" if "student" in shipped else shipped[0])
     device = resolve_device(args.device, arg="--device")
     if args.checkpoint.suffix.lower() in (".ts", ".onnx") and args.device == "auto":
         device = "cpu"  # exported models run on the CPU
@@ -194,6 +204,13 @@ def cmd_evaluate(args) -> int:
     from .training import load_model, resolve_device, set_threads
 
     set_threads(0)
+    if args.checkpoint is None:
+        from . import pretrained
+
+        shipped = pretrained.available()
+        if not shipped:
+            raise FileNotFoundError("--checkpoint: this installation ships no pretrained model; pass a checkpoint")
+        args.checkpoint = pretrained.path("student" if "student" in shipped else shipped[0])
     device = resolve_device(args.device, arg="--device")
     labels = {}
     for path in args.checkpoint:
@@ -327,7 +344,7 @@ def main(argv=None) -> int:
             from .demo import run_demo
 
             writable_folder(args.out, "--out")
-            run_demo(args.out, progress=not args.no_progress, workers=args.workers)
+            run_demo(args.out, progress=not args.no_progress, workers=args.workers, train_teacher=args.train_teacher)
     except (ValueError, KeyError, OSError, AudioError) as e:  # OSError: e.g. a disk that fills up
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"pycosdist {args.command}: error: {msg}", file=sys.stderr)

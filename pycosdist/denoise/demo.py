@@ -177,14 +177,50 @@ def _real_training_speech(source_dir, log) -> dict:
     return {"real_speech_dir": source_dir, "real_utts_per_speaker": DEMO_REAL_UTTS}
 
 
+def _recorded_noise(work: Path, log) -> dict:
+    """The corpus arguments that mix recorded noise into the demo corpus, when some of the packages
+    of :data:`pycosdist.denoise.recorded_noise.SOURCES` are installed (``make demo`` installs the small
+    ones as root); the held-out evaluation ambiences never enter."""
+    from . import recorded_noise
+
+    found = {r.package for r in recorded_noise.find_recordings(["/"]) if r.split == "train"}
+    if not found:
+        log("note: no recorded-noise package is installed (see `make demo`): training on generated noise only")
+        return {}
+    log(f"recorded noise for training from: {', '.join(sorted(found))}")
+    return {"noise_roots": ["/"], "noise_cache": str(work / "noise_cache")}
+
+
+def _shipped_teacher(teacher_dir: Path) -> dict:
+    """Puts the shipped pretrained teacher where the demo's students look for theirs; returns the
+    run summary a trained teacher would have (its training history comes with it)."""
+    import shutil
+
+    from . import pretrained
+    from .checkpoint import load_checkpoint
+
+    src, dst = pretrained.path("teacher"), teacher_dir / "best.pt"
+    if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+        teacher_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    ckpt = load_checkpoint(dst)
+    return {"out_dir": str(teacher_dir), "history": ckpt.get("history", []), "best": ckpt.get("best"),
+            "config": ckpt["config"], "shipped": str(src)}
+
+
 def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, seeds: int = DEMO_SEEDS,
              corpus_kwargs: dict | None = None, teacher_overrides: dict | None = None,
              student_overrides: dict | None = None, real_speech: bool = True,
-             student_workers: int | None = None, real_speech_dir=None) -> dict:
+             student_workers: int | None = None, real_speech_dir=None, train_teacher: bool = False,
+             recorded_noise: bool = True) -> dict:
     """Runs the whole demo (see the module docstring); returns the results dict. ``corpus_kwargs``,
     ``teacher_overrides``, ``student_overrides`` (training-config sections) shrink it for tests;
     ``real_speech=False`` skips the real-speech tables and the recorded training voices;
     ``real_speech_dir`` is the recordings' folder (default: ktuberling-data's).
+    ``train_teacher``: train the demo teacher (``DEMO_TEACHER``, about 4 minutes) instead of
+    distilling from the shipped pretrained one (:mod:`pycosdist.denoise.pretrained`; trained when
+    this installation has none). ``recorded_noise``: mix recorded noise into the corpus when its
+    packages are installed.
     ``student_workers``: student runs trained at once (default
     :func:`pycosdist.denoise.training.concurrent_runs`); with more than one, their progress is logged
     as epoch lines on stdout, and a script that calls this must do so under
@@ -207,12 +243,19 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
     from .realspeech import KTUBERLING_DIR
 
     real_speech_dir = (real_speech_dir or KTUBERLING_DIR) if real_speech else None
-    corpus_kwargs = {**_real_training_speech(real_speech_dir, log), **(corpus_kwargs or {})}
+    from . import pretrained
+
+    corpus_kwargs = {**_real_training_speech(real_speech_dir, log),
+                     **(_recorded_noise(work, log) if recorded_noise else {}), **(corpus_kwargs or {})}
     corpus_dir = stage("synthesize corpus", lambda: synth.synthesize_corpus(work / "corpus", seed=0, **corpus_kwargs))
     teacher_dir = work / "runs" / "teacher"
-    teacher_cfg = config_mod.merge(demo_config("teacher"), teacher_overrides or {})
-    runs = {"teacher": stage("train teacher", lambda: training.train(
-        teacher_cfg, corpus_dir, teacher_dir, progress=progress, log=log))}
+    if train_teacher or "teacher" not in pretrained.available():
+        teacher_cfg = config_mod.merge(demo_config("teacher"), teacher_overrides or {})
+        runs = {"teacher": stage("train teacher", lambda: training.train(
+            teacher_cfg, corpus_dir, teacher_dir, progress=progress, log=log))}
+    else:
+        runs = {"teacher": stage("shipped pretrained teacher", lambda: _shipped_teacher(teacher_dir))}
+        teacher_cfg = runs["teacher"]["config"]
     teacher_ckpt = teacher_dir / "best.pt"
     student_preset = DEMO_STUDENT["model"]["preset"]
     checkpoints = {"teacher": teacher_ckpt}

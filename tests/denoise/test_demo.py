@@ -54,7 +54,7 @@ def test_demo_end_to_end_reports_paired_seeds(tmp_path):
         tmp_path / "report", progress=False, workers=0, log=lambda *_: None, seeds=2,
         corpus_kwargs={"n_train_speakers": 3, "n_test_speakers": 1, "utts_per_speaker": 3, "test_utts_per_speaker": 3},
         teacher_overrides={"model": tiny_model, "train": tiny_train, "data": small_data},
-        student_overrides={"train": tiny_train, "data": small_data}, real_speech=False)
+        student_overrides={"train": tiny_train, "data": small_data}, real_speech=False, train_teacher=True, recorded_noise=False)
     work = tmp_path / "report" / "work"
     students = [r for r in result["rows"] if r["model"].startswith("student ")]
     assert sorted(r["model"] for r in students) == sorted(

@@ -320,7 +320,7 @@ def test_demo_with_real_speech_end_to_end(source, tmp_path):
                        "real_utts_per_speaker": 1},
         teacher_overrides={"model": {"channels": [6, 8], "kernel_size": [3, 3], "bottleneck_layers": 1},
                            "train": tiny_train, "data": small_data},
-        student_overrides={"train": tiny_train, "data": small_data})
+        student_overrides={"train": tiny_train, "data": small_data}, train_teacher=True, recorded_noise=False)
     manifest = json.loads((out / "work" / "corpus" / "manifest.json").read_text())
     recorded = {v["source"].rsplit("/", 1)[-1] for v in manifest["speakers"].values() if "source" in v}
     train_speakers = set(realspeech.split_speakers(realspeech.find_speakers(source), "train"))
