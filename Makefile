@@ -19,12 +19,19 @@ $(DEPS):
 build: $(DEPS)
 	$(VPY) -m pip install -q --no-build-isolation ".[all]"
 
-# The demo's real-speech table needs Debian's ktuberling-data (recorded human voices, GPL-2+); as root
-# it is installed here, otherwise the demo skips that table and says so.
+# Debian packages of recorded sound the demo uses when it can install them (as root): real voices
+# (ktuberling-data, GPL-2+) for the real-speech tables, held-out recorded ambiences (wesnoth-1.16-data)
+# for the recorded-noise table, and small recorded-noise packages mixed into the students' training
+# corpus (pycosdist.denoise.recorded_noise lists each one's license). Without them the demo skips those
+# tables / trains on generated noise only, and says so.
+DEMO_PACKAGES := ktuberling-data wesnoth-1.16-data lincity-ng-data freeciv-data sound-theme-freedesktop \
+                 frozen-bubble-data hedgewars-data
 demo: build
-	@dpkg -s ktuberling-data >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (apt-get update -qq && apt-get install -y -qq ktuberling-data) >/dev/null 2>&1; } || \
-	  echo "note: ktuberling-data is not installed; the demo skips the real-speech table"
+	@missing=$$(for p in $(DEMO_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && apt-get install -y -qq $$missing) >/dev/null 2>&1; } || \
+	  echo "note: could not install $$missing; the demo leaves out what needs them"; fi
 	$(VENV)/bin/pycosdist demo
 
 # The test command (README, CI). Runs the installed package (tests/ is not a package, so the

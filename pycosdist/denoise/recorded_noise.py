@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioError, read_audio, to_mono_16k
+from .audio import SAMPLE_RATE, AudioError, to_mono_16k
 
 SPLITS = ("train", "valid", "test")
 MIN_SECONDS = 0.1  # shorter files (UI blips) carry too little sound to be noise
@@ -173,21 +173,24 @@ def missing_packages(recordings: list[Recording], sources=None, role: str | None
 
 
 def decode(rec: Recording) -> np.ndarray:
-    """16 kHz mono float32 of ``rec`` (at most :data:`MAX_SECONDS`); raises AudioError when unreadable."""
-    if rec.member is None:
-        audio, sr = read_audio(rec.path)
-    else:
-        import soundfile as sf
+    """16 kHz mono float32 of ``rec``, at most its first :data:`MAX_SECONDS` (only those are decoded);
+    raises AudioError when unreadable."""
+    import soundfile as sf
 
-        with zipfile.ZipFile(rec.path) as z:
-            data = z.read(rec.member)
-        try:
-            audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception as e:  # soundfile raises its own LibsndfileError, RuntimeError, TypeError...
-            raise AudioError(rec.name, f"unreadable audio ({e})") from e
-        audio = audio.T  # (channels, samples), as read_audio returns
-    x = to_mono_16k(audio, sr).astype(np.float32)
-    return x[:int(MAX_SECONDS * SAMPLE_RATE)]
+    try:
+        if rec.member is None:
+            source = rec.path
+        else:
+            with zipfile.ZipFile(rec.path) as z:
+                source = io.BytesIO(z.read(rec.member))
+        with sf.SoundFile(source) as f:
+            frames = min(f.frames, int(MAX_SECONDS * f.samplerate)) if f.frames > 0 else -1
+            audio, sr = f.read(frames, dtype="float32", always_2d=True), f.samplerate
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError... for bad files
+        raise AudioError(rec.name, f"unreadable audio ({type(e).__name__}: {e})") from e
+    if audio.size == 0 or not np.isfinite(audio).all():
+        raise AudioError(rec.name, "empty or non-finite audio")
+    return to_mono_16k(audio.T, sr).astype(np.float32)  # (channels, samples) -> (samples,)
 
 
 def _rms(x: np.ndarray) -> float:
