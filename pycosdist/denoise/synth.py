@@ -192,12 +192,15 @@ def _recorded_training_speech(speakers: dict, recorded: list[tuple[str, str, np.
 
 def _noise_banks(spec: dict | None) -> dict | None:
     """``{"train": NoiseBank, "test": NoiseBank, "manifest": dict}`` for ``params["recorded_noise"]``:
-    the corpus's training split draws from the "train" recordings, its test split from the "valid" ones."""
+    the corpus's training split draws from the "train" recordings, its test split from the "valid" ones
+    of the training sources (held-out evaluation sources are left out altogether)."""
     if not spec:
         return None
     from . import recorded_noise
 
-    recordings = recorded_noise.find_recordings(spec["roots"])
+    # The held-out evaluation recordings never enter a corpus, not even its test split.
+    train_sources = [s for s in recorded_noise.SOURCES if s.role == "train"]
+    recordings = recorded_noise.find_recordings(spec["roots"], train_sources)
     missing = recorded_noise.missing_packages(recordings, role="train")
     if missing == sorted({s.package for s in recorded_noise.SOURCES if s.role == "train"}):
         raise FileNotFoundError(f"noise_roots: no recorded noise under {spec['roots']}; install e.g. "

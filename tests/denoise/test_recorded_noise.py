@@ -122,6 +122,7 @@ def test_corpus_with_recorded_noise(root, tmp_path, monkeypatch):
         rec = recs[f["noise_source"]]
         assert f["noise"] == f"recorded:{rec.family}"
         assert rec.split == ("train" if f["split"] == "train" else "valid")
+        assert rec.package != HELD_OUT.package  # not even the corpus's test split uses held-out recordings
     assert manifest["recorded_noise"]["packages"]["pkg-a"]["license"] == "GPL-2+"
     assert manifest["params"]["recorded_noise"]["fraction"] == 0.7
     with pytest.raises(ValueError, match="recorded_fraction"):
