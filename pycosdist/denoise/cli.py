@@ -58,13 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("prepare", help="make 16 kHz copies of a VoiceBank+DEMAND corpus")
     s.add_argument("root", type=Path)
     s = dsub.add_parser("realtest", help="real-speech evaluation set: recorded human voices (Debian's ktuberling-data) "
-                                         "+ stationary noises and, separately, babble (DIR/stationary, DIR/babble)")
+                                         "+ generated stationary noises, babble and held-out recorded ambiences "
+                                         "(DIR/stationary, DIR/babble, DIR/recorded)")
     s.add_argument("out", type=Path)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--split", choices=("test", "valid"), default="test",
                    help="test: the speakers to report on; valid: other speakers, to choose a recipe on")
     s.add_argument("--source", type=Path, default=None,
                    help="folder of recordings, one sub-folder per speaker (default: /usr/share/ktuberling/sounds)")
+    s.add_argument("--utts", type=int, default=3, help="utterances per speaker (default 3)")
 
     p = sub.add_parser("train-teacher", help="train a model without KD (a teacher, or any preset)")
     _add_train_args(p)
@@ -276,7 +278,7 @@ def main(argv=None) -> int:
             elif args.data_command == "realtest":
                 from . import realspeech
 
-                out = realspeech.build_realtest(args.out, seed=args.seed, split=args.split,
+                out = realspeech.build_realtest(args.out, seed=args.seed, split=args.split, utts_per_speaker=args.utts,
                                                 source_dir=args.source or realspeech.KTUBERLING_DIR)
                 subsets = json.loads((out / realspeech.MANIFEST).read_text())["subsets"]
                 print(f"real-speech {args.split} set written to {out} (evaluate on "
