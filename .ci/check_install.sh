@@ -22,6 +22,11 @@ done
 echo "== wheel from the sdist (no build isolation: builds against the installed torch)"
 $VPY -m pip wheel -q --no-build-isolation --no-deps -w "$OUT/dist" "$SDIST"
 WHEEL=$(ls "$OUT"/dist/pycosdist-*.whl)
+# The shipped pretrained models travel inside the wheel (pycosdist.denoise.pretrained).
+for f in $(git ls-files 'pycosdist/denoise/weights/*.pt'); do
+  $VPY -c "import sys, zipfile; sys.exit('$f' not in zipfile.ZipFile('$WHEEL').namelist())" \
+    || { echo "wheel lacks $f" >&2; exit 1; }
+done
 
 echo "== fresh venv: core install"
 python3 -m venv "$OUT/venv"

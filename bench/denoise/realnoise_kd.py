@@ -27,13 +27,18 @@ from pycosdist.denoise import data, demo, realspeech, synth, training
 from pycosdist.denoise.report import evaluate_checkpoints, markdown_table, write_results
 
 JOINT = ("none", "similarity_preserving", "cosine_lib")
+# Causal students (issue 24): the same three joint methods for a streaming preset (16 ms latency).
+CAUSAL_PRESET = "causal_student_quarter"
+CAUSAL_SEEDS = 3
 TWO_STEP = ("similarity_preserving", "cosine_lib")
 SWITCH_CANDIDATES = (1, 2)  # KD-only epochs of the demo budget's 4
 TUNING_SEEDS = (0, 1)
 
 
-def student(method: str, seed: int, teacher, kd_only_epochs: int = 0) -> dict:
+def student(method: str, seed: int, teacher, kd_only_epochs: int = 0, preset: str | None = None) -> dict:
     cfg = demo.demo_student_config(method, seed, teacher)
+    if preset:
+        cfg = config_mod.merge(cfg, {"model": {"preset": preset}})
     return config_mod.merge(cfg, {"kd": {"kd_only_epochs": kd_only_epochs}}) if kd_only_epochs else cfg
 
 
@@ -104,8 +109,15 @@ def main():
             jobs[label] = (student(method, seed, teacher, switch[method]),
                            work / "runs" / f"student_{method}_2step_seed{seed}")
             variants[label] = name
+    for seed in seeds[:CAUSAL_SEEDS]:
+        for method in JOINT:
+            label = f"student causal {method} seed{seed}"
+            jobs[label] = (student(method, seed, teacher, preset=CAUSAL_PRESET),
+                           work / "runs" / f"causal_{method}_seed{seed}")
+            variants[label] = f"causal {method}"
     train_all(jobs, corpus)
     methods = list(JOINT) + [variant(m, True) for m in TWO_STEP]
+    causal = [f"causal {m}" for m in JOINT]
     checkpoints = {"teacher": teacher, **{k: v[1] / "best.pt" for k, v in jobs.items()}}
 
     # 3. Scores, gains over no KD (paired by seed), per set.
@@ -119,12 +131,16 @@ def main():
             eval_dir = out / "eval" / name
             rows = score(checkpoints, root / subset, eval_dir, variants)
             gains = [g for metric in ("pesq", "stoi") for g in demo.seed_paired_gains(eval_dir, methods, seeds, metric=metric)]
-            summary["sets"][name] = {"rows": rows, "kd_gains": gains}
+            causal_gains = [g for metric in ("pesq", "stoi") for g in demo.seed_paired_gains(
+                eval_dir, causal, seeds[:CAUSAL_SEEDS], baseline="causal none", metric=metric)]
+            summary["sets"][name] = {"rows": rows, "kd_gains": gains, "causal_kd_gains": causal_gains}
             write_results(out / name, rows, summary["sets"][name])
             md += [f"\n## {split}, {subset}: {demo.SUBSET_TITLES[subset]} ({rows[0]['n_ok']} files)\n\n",
                    markdown_table([r for r in rows if not r["model"].startswith("student ")]),
-                   "\nStudents, mean ± std over seeds:\n\n", demo.method_means(rows, methods),
-                   "\nGain over no KD (paired by seed), 95% Student-t CIs:\n\n", demo.gains_markdown(gains)]
+                   "\nStudents, mean ± std over seeds:\n\n", demo.method_means(rows, methods + causal),
+                   "\nGain over no KD (paired by seed), 95% Student-t CIs:\n\n", demo.gains_markdown(gains),
+                   f"\nCausal students ({CAUSAL_PRESET}, 16 ms latency): gain over causal no KD:\n\n",
+                   demo.gains_markdown(causal_gains)]
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text("".join(md))

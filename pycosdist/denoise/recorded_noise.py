@@ -132,8 +132,15 @@ def split_of(source: NoiseSource, relpath: str, seed: int = 0) -> str:
     return "valid" if int.from_bytes(digest[:4], "little") % 100 < 15 else "train"
 
 
+def _glob(relpath: str, pattern: str) -> bool:
+    """Shell-style match segment by segment: ``*`` never crosses a ``/`` (``Sounds/*.ogg`` is not
+    ``Sounds/voices/x.ogg``, which fnmatch alone would accept)."""
+    parts, pats = relpath.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(fnmatch.fnmatch(a, p) for a, p in zip(parts, pats))
+
+
 def _matches(relpath: str, source: NoiseSource) -> bool:
-    return (any(fnmatch.fnmatch(relpath, p) for p in source.patterns)
+    return (any(_glob(relpath, p) for p in source.patterns)
             and not any(fnmatch.fnmatch(relpath, p) for p in source.exclude))
 
 

@@ -190,7 +190,7 @@ def _recorded_training_speech(speakers: dict, recorded: list[tuple[str, str, np.
     return utts
 
 
-def _noise_banks(spec: dict | None) -> dict | None:
+def _noise_banks(spec: dict | None, cache_dir=None) -> dict | None:
     """``{"train": NoiseBank, "test": NoiseBank, "manifest": dict}`` for ``params["recorded_noise"]``:
     the corpus's training split draws from the "train" recordings, its test split from the "valid" ones
     of the training sources (held-out evaluation sources are left out altogether)."""
@@ -205,8 +205,8 @@ def _noise_banks(spec: dict | None) -> dict | None:
     if missing == sorted({s.package for s in recorded_noise.SOURCES if s.role == "train"}):
         raise FileNotFoundError(f"noise_roots: no recorded noise under {spec['roots']}; install e.g. "
                                 f"`apt-get install {' '.join(missing)}`")
-    return dict(train=recorded_noise.load_bank(recordings, "train", spec["cache"]),
-                test=recorded_noise.load_bank(recordings, "valid", spec["cache"]),
+    return dict(train=recorded_noise.load_bank(recordings, "train", cache_dir),
+                test=recorded_noise.load_bank(recordings, "valid", cache_dir),
                 manifest=dict(recorded_noise.manifest(recordings), missing_packages=missing))
 
 
@@ -256,8 +256,8 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
     if noise_roots is not None:
         if not 0.0 <= recorded_fraction <= 1.0:
             raise ValueError(f"recorded_fraction: expected a share in [0, 1], got {recorded_fraction!r}")
-        params["recorded_noise"] = dict(roots=[str(r) for r in noise_roots], fraction=float(recorded_fraction),
-                                        cache=str(noise_cache) if noise_cache else None)
+        # The cache folder is not part of the corpus's identity: where decoded audio is kept changes nothing.
+        params["recorded_noise"] = dict(roots=[str(r) for r in noise_roots], fraction=float(recorded_fraction))
     if params["seed"] != seed or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     for key in ("n_train_speakers", "n_test_speakers", "utts_per_speaker", "test_utts_per_speaker"):
@@ -308,7 +308,7 @@ def synthesize_corpus(out_dir, n_train_speakers: int = 20, n_test_speakers: int 
         extra = params["extra_speech"]
         recorded = folder_utterances(folder, seed, extra["utts_per_speaker"], exclude=extra["exclude"])
         utts += _recorded_training_speech(speakers, recorded, folder)
-    banks = _noise_banks(params.get("recorded_noise"))
+    banks = _noise_banks(params.get("recorded_noise"), noise_cache)
 
     # Pass 2: noise, mix, level, write.
     for split, (clean_name, noisy_name) in SPLIT_DIRS.items():

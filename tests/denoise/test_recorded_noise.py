@@ -45,6 +45,7 @@ def root(tmp_path_factory):
         for k in range(3):  # short events
             z.writestr(f"sfx/knock{k}.ogg", _ogg(_tone(2000 + 500 * k, 0.15, 0.8)))
         z.writestr("sfx/voice0.ogg", _ogg(_tone(150, 1.0)))  # excluded by the source
+        z.writestr("sfx/voices/pirate/hello.ogg", _ogg(_tone(150, 1.0)))  # a sub-folder: "sfx/*.ogg" is not it
     (root / "usr/share/c/amb").mkdir(parents=True)
     for name, hz in (("fire", 4100), ("birds", 5300)):
         (root / f"usr/share/c/amb/{name}.ogg").write_bytes(_ogg(_tone(hz, 3.0)))
@@ -54,7 +55,7 @@ def root(tmp_path_factory):
 def test_catalog_finds_plain_and_archived_recordings_and_splits_by_source(root, tmp_path):
     recs = rn.find_recordings([root], SOURCES)
     names = sorted(r.name.rsplit("/", 1)[-1] for r in recs)
-    assert len(recs) == 12 + 1 + 3 + 2 and "voice0.ogg" not in names
+    assert len(recs) == 12 + 1 + 3 + 2 and "voice0.ogg" not in names and "hello.ogg" not in names
     assert {r.member for r in recs if r.package == "pkg-b"} == {f"sfx/knock{k}.ogg" for k in range(3)}
     by_split = {s: {r.name for r in recs if r.split == s} for s in rn.SPLITS}
     assert not (by_split["train"] & by_split["valid"]) and not (by_split["train"] & by_split["test"])
