@@ -106,8 +106,10 @@ def main():
         for method in TWO_STEP:
             name = variant(method, True)
             label = f"student {name} seed{seed}"
-            jobs[label] = (student(method, seed, teacher, switch[method]),
-                           work / "runs" / f"student_{method}_2step_seed{seed}")
+            k = switch[method]
+            tuned = work / "runs" / f"tune_{method}_K{k}_seed{seed}"  # the same run when it was a tuning seed
+            jobs[label] = (student(method, seed, teacher, k),
+                           tuned if seed in TUNING_SEEDS else work / "runs" / f"student_{method}_2step_seed{seed}")
             variants[label] = name
     for seed in seeds[:CAUSAL_SEEDS]:
         for method in JOINT:
