@@ -117,12 +117,19 @@ def export(model: UNetDenoiser, out_dir, formats=tuple(FORMATS)) -> dict[str, Pa
                 torch.onnx.export(net, (example,), str(staging / FORMATS["onnx"]), input_names=["features"],
                                   output_names=["mask"], dynamic_shapes={"features": {0: batch, 3: frames}},
                                   dynamo=True, external_data=False)
-        files = {f: FORMATS[f] for f in FORMATS if f in formats}
-        (staging / "model.json").write_text(json.dumps({**interface(model), "files": files}, indent=1))
-        for name in [*files.values(), "model.json"]:  # the interface last: it names the files
-            os.replace(staging / name, out_dir / name)
+        return _publish(staging, out_dir, {f: FORMATS[f] for f in FORMATS if f in formats}, "model.json",
+                        interface(model))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, out_dir: Path, files: dict[str, str], sidecar: str, info: dict) -> dict[str, Path]:
+    """Writes the interface ``sidecar`` (``info`` plus the file names) beside the complete ``files``
+    in ``staging``, then moves them all into ``out_dir``, the interface last (it names the files);
+    returns ``{format: path}``."""
+    (staging / sidecar).write_text(json.dumps({**info, "files": files}, indent=1))
+    for name in [*files.values(), sidecar]:
+        os.replace(staging / name, out_dir / name)
     return {f: out_dir / name for f, name in files.items()}
 
 
@@ -240,13 +247,10 @@ def export_stream(model: UNetDenoiser, out_dir, formats=tuple(STREAM_FORMATS)) -
                                   output_names=["enhanced", *(f"next_{n}" for n in names)],
                                   dynamic_shapes=({0: batch}, tuple({0: batch} for _ in names)),
                                   dynamo=True, external_data=False)
-        files = {f: STREAM_FORMATS[f] for f in STREAM_FORMATS if f in formats}
-        (staging / "stream.json").write_text(json.dumps({**stream_interface(step), "files": files}, indent=1))
-        for name in [*files.values(), "stream.json"]:
-            os.replace(staging / name, out_dir / name)
+        return _publish(staging, out_dir, {f: STREAM_FORMATS[f] for f in STREAM_FORMATS if f in formats},
+                        "stream.json", stream_interface(step))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {f: out_dir / name for f, name in files.items()}
 
 
 class ExportedStream:

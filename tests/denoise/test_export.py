@@ -12,16 +12,20 @@ from pycosdist.denoise.cli import main
 from pycosdist.denoise.models import UNetConfig, UNetDenoiser
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = UNetDenoiser(UNetConfig(channels=(4, 8, 8), kernel_size=(3, 3), bottleneck_layers=2))
-    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+def _as_after_training(m: torch.nn.Module) -> torch.nn.Module:
+    """``m`` in eval mode with non-trivial BatchNorm statistics, as after training."""
+    with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return _as_after_training(UNetDenoiser(UNetConfig(channels=(4, 8, 8), kernel_size=(3, 3), bottleneck_layers=2)))
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
@@ -76,13 +80,7 @@ def causal_model():
     from pycosdist.denoise.models import preset
 
     torch.manual_seed(2)
-    m = UNetDenoiser(preset("causal_student_quarter", mask_floor=0.05))
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-    return m.eval()
+    return _as_after_training(UNetDenoiser(preset("causal_student_quarter", mask_floor=0.05)))
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
