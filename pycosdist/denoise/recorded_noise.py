@@ -281,7 +281,7 @@ def load_bank(recordings: list[Recording], split: str, cache_dir=None) -> NoiseB
                 for i, (name, family) in enumerate(meta["kept"]):
                     bank.setdefault(family, []).append((name, z[f"a{i}"]))
                 return NoiseBank(bank, meta["skipped"])
-    bank, skipped, kept = {}, {}, []
+    bank, skipped = {}, {}
     for rec in recs:
         try:
             x = decode(rec)
@@ -292,14 +292,12 @@ def load_bank(recordings: list[Recording], split: str, cache_dir=None) -> NoiseB
             skipped[rec.name] = "too short or silent"
             continue
         bank.setdefault(rec.family, []).append((rec.name, x))
-        kept.append((rec.name, rec.family))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        flat = [x for fam in bank.values() for _, x in fam]
-        order = [(n, f) for f, fam in bank.items() for n, _ in fam]
-        arrays = {f"a{i}": x for i, x in enumerate(flat)}
+        kept = [(name, family, x) for family, recs_of in bank.items() for name, x in recs_of]
+        arrays = {f"a{i}": x for i, (_, _, x) in enumerate(kept)}
         tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, meta=json.dumps(dict(names=names, kept=order, skipped=skipped)), **arrays)
+        np.savez(tmp, meta=json.dumps(dict(names=names, kept=[(n, f) for n, f, _ in kept], skipped=skipped)), **arrays)
         tmp.replace(cache)
     return NoiseBank(bank, skipped)
 
