@@ -132,8 +132,7 @@ def training_utterances(source_dir=KTUBERLING_DIR, seed: int = 0, utts_per_speak
     16 kHz)], built like the evaluation set's (:func:`build_realtest`), for a training corpus."""
     all_speakers = find_speakers(source_dir)
     speakers = {k: all_speakers[k] for k in split_speakers(all_speakers, "train", int(seed))}
-    utts, _ = _utterances(speakers, int(seed), int(utts_per_speaker), int(words_per_utt))
-    return [(spk, " ".join(words), x) for _, spk, words, x in utts]
+    return _training_utterances(speakers, seed, utts_per_speaker, words_per_utt)
 
 
 def folder_utterances(source_dir, seed: int = 0, utts_per_speaker: int = 10, words_per_utt: int = 4,
@@ -142,6 +141,11 @@ def folder_utterances(source_dir, seed: int = 0, utts_per_speaker: int = 10, wor
     packs, ``/usr/share/games/hedgewars/Data/Sounds/voices``; one sub-folder per speaker), speakers
     named in ``exclude`` left out: [(speaker, words, float64 16 kHz)], built as :func:`build_realtest` does."""
     speakers = {k: v for k, v in find_speakers(source_dir).items() if k not in set(exclude)}
+    return _training_utterances(speakers, seed, utts_per_speaker, words_per_utt)
+
+
+def _training_utterances(speakers: dict[str, list[Path]], seed, utts_per_speaker, words_per_utt):
+    """[(speaker, words, float64 16 kHz)] of :func:`_utterances`, as a training corpus takes them."""
     utts, _ = _utterances(speakers, int(seed), int(utts_per_speaker), int(words_per_utt))
     return [(spk, " ".join(words), x) for _, spk, words, x in utts]
 
