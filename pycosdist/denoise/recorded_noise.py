@@ -161,14 +161,14 @@ def _source_files(source: NoiseSource, root: Path) -> list[tuple[str, str | None
 def find_recordings(roots=("/",), sources=None, seed: int = 0) -> list[Recording]:
     """Every recording of ``sources`` found under any of ``roots`` (folders that mirror ``/``, e.g.
     ``/`` itself, or a package unpacked with ``dpkg-deb -x``), with its split."""
-    found: dict[str, Recording] = {}
+    found: dict[tuple, Recording] = {}
     for source in SOURCES if sources is None else sources:
         for root in roots:
             for path, member in _source_files(source, Path(root)):
                 rel = member or str(Path(path).relative_to(Path(root) / source.base))
                 rec = Recording(source.package, path, member, source.family, source.license,
                                 split_of(source, rel, seed))
-                found.setdefault(rec.name.replace(str(root), ""), rec)
+                found.setdefault((source.package, source.base, rel), rec)  # once, whichever root holds it
     return list(found.values())
 
 
