@@ -498,15 +498,18 @@ def train_cell(planned: dict, corpus_dir, run_dir: Path, cfg: dict, progress: bo
     write_text_atomic(run_dir / "cell.toml", config_mod.to_toml(planned))
     method = planned["kd"]["method"]
     command = ["train-teacher"] if method == "none" else ["distill", "--method", method, "--teacher",
-                                                          planned["kd"]["teacher"]]
+                                                          str(Path(planned["kd"]["teacher"]).resolve())]
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m",
-            "pycosdist", *command, "--config", str(run_dir / "cell.toml"), "--data", str(corpus_dir),
-            "--out", str(run_dir), *([] if progress else ["--no-progress"])]
-    # The children import this pycosdist (installed or a source tree), whatever their sys.path would say.
+            "pycosdist", *command, "--config", str((run_dir / "cell.toml").resolve()), "--data",
+            str(Path(corpus_dir).resolve()), "--out", str(Path(run_dir).resolve()),
+            *([] if progress else ["--no-progress"])]
+    # The children import this pycosdist (installed or a source tree), whatever their sys.path would say:
+    # `-m` puts the working folder first on sys.path, so they run from the folder that holds this package
+    # (a source checkout in the caller's folder would otherwise shadow an installed package).
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     log("== " + " ".join(argv[2:]))
-    done = subprocess.run(argv, env=env)
+    done = subprocess.run(argv, env=env, cwd=package_root)
     if done.returncode != 0:
         raise ChildProcessError(f"{run_dir}: torchrun exited with status {done.returncode} (its output is above); "
                                 "run the experiment again to resume the cell")
