@@ -24,6 +24,10 @@ DEFAULTS: dict[str, dict] = {
         "bottleneck_layers": 0,  # 0 = the preset's
         "norm": "",  # "batch" | "group"; "" = the preset's (batch). "group" for exact CPU DDP (see models)
         "mask_floor": 0.0,  # lowest mask value (gain floor, 0.1 = -20 dB); 0 = the preset's (none)
+        # weights the training starts from (fine-tuning): a checkpoint of this very architecture, or
+        # "pretrained:NAME" for a shipped model (pycosdist.denoise.pretrained); "" = random initialization.
+        # The optimizer and the lr schedule start fresh; a resumed run continues from last.pt as usual.
+        "init": "",
     },
     "data": {
         "segment_seconds": 2.0,  # training crop (rounded to a multiple of the 128-sample hop)

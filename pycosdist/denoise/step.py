@@ -45,6 +45,31 @@ def model_config(cfg: dict) -> UNetConfig:
     return preset(m["preset"], **overrides)
 
 
+def initial_weights(cfg: dict) -> dict | None:
+    """The state dict ``model.init`` names (None when it is empty), checked to be weights of the
+    architecture ``cfg`` builds. Raises ValueError naming ``model.init`` otherwise."""
+    init = cfg["model"]["init"]
+    if not init:
+        return None
+    if init.startswith("pretrained:"):
+        from . import pretrained
+
+        try:
+            init = pretrained.path(init.removeprefix("pretrained:"))
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"model.init: {e}") from None
+    try:
+        model, _ = load_model(init)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"model.init: {e}") from None
+    wanted = model_config(cfg).to_dict()
+    if model.config.to_dict() != wanted:
+        differ = [k for k in wanted if model.config.to_dict().get(k) != wanted[k]]
+        raise ValueError(f"model.init: {init} holds a different architecture than this config's model "
+                         f"(differs in {', '.join(differ)}); fine-tuning needs the same one")
+    return model.state_dict()
+
+
 def lr_factor(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
     """The learning-rate multiplier of step k: linear warm-up over ``warmup`` steps, then a cosine
     decay to ``min_ratio`` at ``total_steps``."""
@@ -91,6 +116,9 @@ class TrainStep:
     def _build_model_and_kd(self, frames: int) -> None:
         kc = self.cfg["kd"]
         self.model = build_model(model_config(self.cfg)).to(self.device)
+        start = initial_weights(self.cfg)
+        if start is not None:  # fine-tuning; built first all the same, so the RNG draws match a fresh run
+            self.model.load_state_dict(start)
         self.teacher, self.kd, self.distiller = None, None, None
         if kc["method"] != "none":
             self.teacher = distill.freeze(load_model(kc["teacher"])[0]).to(self.device)

@@ -75,7 +75,7 @@ from .graphed_step import check_cuda_graphs
 from .distributed import (all_sum, barrier, broadcast_from_rank0, dist_backend, distributed_env, init_distributed,
                           use_sync_batchnorm, wrap_ddp)
 from .models import HOP, UNetDenoiser, count_parameters
-from .step import LATENT_LAYER, TrainStep, lr_factor, model_config
+from .step import LATENT_LAYER, TrainStep, initial_weights, lr_factor, model_config
 # Internals that tests reach through this module, as before the split.
 from .batches import _LAST_TEACHER_CACHE  # noqa: F401
 from .step import _Step  # noqa: F401
@@ -111,6 +111,7 @@ def check_train_config(cfg: dict) -> dict:
                          f"train.epochs ({tc['epochs']}), got {kc['kd_only_epochs']} with kd.method {kc['method']!r}")
     if kc["method"] != "none" and not kc["teacher"]:
         raise ValueError(f"kd.teacher: KD method {kc['method']!r} needs a teacher checkpoint")
+    initial_weights(cfg)  # a bad model.init fails here, before any data is read
     device = resolve_device(tc["device"], *distributed_env())
     autocast_dtype(tc["amp"], device)  # device and amp errors
     if tc["cuda_graphs"]:

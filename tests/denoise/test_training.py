@@ -294,3 +294,27 @@ def test_two_step_schedule_needs_kd_and_task_epochs(teacher_ckpt):
                                   f"kd.teacher={teacher_ckpt}"], "fewer KD-only epochs")):
         with pytest.raises(ValueError, match=expected):
             training.check_train_config(config.load_config(overrides=TINY + overrides))
+
+
+def test_init_starts_from_a_checkpoints_weights_with_a_fresh_optimizer(corpus, tmp_path):
+    """model.init = a finished run's best.pt: the new run's model starts as that model (same outputs on a
+    clip), its optimizer starts empty and its history at epoch 1; a different architecture is refused."""
+    base = config.load_config(overrides=TINY + ["train.epochs=1"])
+    training.train(base, corpus, tmp_path / "first", progress=False, log=lambda *_: None)
+    start = tmp_path / "first" / "best.pt"
+    cfg = config.load_config(overrides=TINY + ["train.epochs=1", f"model.init={start}", "train.seed=5"])
+    step = training.Run(cfg, corpus, tmp_path / "init", progress=False, log=lambda *_: None).train_step
+    trained = training.load_model(start)[0]
+    x = 0.1 * torch.randn(1, 4 * HOP * 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(step.model.eval()(x), trained(x))
+    assert step.optimizer.state_dict()["state"] == {}
+    second = training.train(cfg, corpus, tmp_path / "second", progress=False, log=lambda *_: None)
+    assert [row["epoch"] for row in second["history"]] == [1]
+    other = config.load_config(overrides=TINY + [f"model.init={start}", "model.channels=[3, 5]"])
+    with pytest.raises(ValueError, match=r"model.init: .* different architecture .*channels"):
+        training.check_train_config(other)
+    with pytest.raises(ValueError, match=r"model.init: .*no such file"):
+        training.check_train_config(config.load_config(overrides=TINY + [f"model.init={tmp_path / 'none.pt'}"]))
+    with pytest.raises(ValueError, match=r"model.init: name: expected one of"):
+        training.check_train_config(config.load_config(overrides=TINY + ["model.init=pretrained:nobody"]))
