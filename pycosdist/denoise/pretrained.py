@@ -1,9 +1,10 @@
 """Pretrained models shipped inside the package, so that a user can denoise and distill without
 training anything first.
 
-- ``teacher``: the demo teacher's architecture (362k parameters) trained on recorded noise
-  (``configs/teacher_realnoise.toml``, corpus ``scripts/build_teacher_corpus.sh``); ``pycosdist
-  demo`` distills from it unless ``--train-teacher`` is given.
+- ``teacher``: the demo teacher's architecture (362k parameters) trained on recorded noise in two
+  stages (``configs/teacher_realnoise.toml``, then ``configs/teacher_realnoise_stage2.toml``; corpus
+  ``scripts/build_teacher_corpus.sh``); ``pycosdist demo`` distills from it unless
+  ``--train-teacher`` is given.
 - ``student``: the best demo student (23k parameters), distilled from that teacher; the default
   model of ``pycosdist enhance``.
 
