@@ -62,9 +62,9 @@ def initial_weights(cfg: dict) -> dict | None:
         model, _ = load_model(init)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"model.init: {e}") from None
-    wanted = model_config(cfg).to_dict()
-    if model.config.to_dict() != wanted:
-        differ = [k for k in wanted if model.config.to_dict().get(k) != wanted[k]]
+    wanted, stored = model_config(cfg).to_dict(), model.config.to_dict()
+    if stored != wanted:
+        differ = [k for k in wanted if stored.get(k) != wanted[k]]
         raise ValueError(f"model.init: {init} holds a different architecture than this config's model "
                          f"(differs in {', '.join(differ)}); fine-tuning needs the same one")
     return model.state_dict()
