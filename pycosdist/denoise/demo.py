@@ -67,6 +67,10 @@ DEMO_REAL_UTTS = REAL_UTTS_PER_SPEAKER
 # Batch 2 (8 in the full recipe): 4x the optimizer steps at about the same cost per epoch; chosen on
 # the valid speakers among batch 2, 4 and 8, lr 3e-3 and 6e-3, 6 epochs and student_half
 # (bench/results/realspeech_recipe/student_budget.md).
+# Utterances per test speaker in the demo's real-speech tables: 8 speakers x 2 = 16 files per noise
+# family (3 scored 24, but 14 systems x 3 families x 24 files took 7 of the demo's 15 minutes); the
+# study of record (bench/denoise/realnoise_kd.py) scores 48 files per family.
+DEMO_REAL_TEST_UTTS = 2
 DEMO_STUDENT_BUDGET = {"train": {"epochs": 4, "batch_size": 2}, "data": {"segment_seconds": 1.0},
                        "kd": {"teacher_cache": True}}
 
@@ -338,10 +342,12 @@ SUBSET_TITLES = {
                 "at night, morning; Wesnoth's recordings)",
 }
 def realspeech_report(checkpoints: dict, out="report", workers: int = 2, progress: bool = True, log=print,
-                      seed: int = 0, source_dir=None, student_seeds=()) -> dict | None:
+                      seed: int = 0, source_dir=None, student_seeds=(),
+                      utts_per_speaker: int = DEMO_REAL_TEST_UTTS) -> dict | None:
     """Scores ``{label: checkpoint path}`` (plus the noisy input and spectral gating) on the
     real-speech TEST set (:mod:`pycosdist.denoise.realspeech`, from the recordings in ``source_dir``,
-    default ktuberling-data's; built once under ``<out>/work/realtest``): one table for stationary
+    default ktuberling-data's, ``utts_per_speaker`` utterances per test speaker; built once under
+    ``<out>/work/realtest``): one table for stationary
     noises, one for the babble interferer, each with a gains table (paired per-file differences ±
     standard error), and with ``student_seeds`` (the demo students' seeds) each KD method's PESQ and
     STOI gain over no KD with 95% CIs. Writes ``<out>/realspeech/{stationary,babble,recorded}/results.*`` and
@@ -354,7 +360,8 @@ def realspeech_report(checkpoints: dict, out="report", workers: int = 2, progres
     try:
         # The demo's own work folder: a set made by an older version (other speakers) is rebuilt.
         root = realspeech.build_realtest(out / "work" / "realtest", seed=seed, split="test", overwrite=True,
-                                         source_dir=source_dir or realspeech.KTUBERLING_DIR)
+                                         source_dir=source_dir or realspeech.KTUBERLING_DIR,
+                                         utts_per_speaker=utts_per_speaker)
     except FileNotFoundError as e:
         log(f"real-speech tables skipped: {e}")
         return None

@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .audio import write_text_atomic
+from .devices import available_cores
 
 SAMPLE_RATE = 16000
 MIN_SECONDS = 0.25  # PESQ's own minimum
@@ -128,13 +129,27 @@ def safe_score(name: str, clean, estimate) -> ScoreResult:
         return ScoreResult(name, None, f"{type(e).__name__}: {msg}", note)
 
 
-def _single_threaded() -> None:
-    """Worker initializer: one BLAS thread per process. pystoi's matmuls otherwise spin up a
-    thread per core that burns CPU without speeding up these small products, so parallel workers
-    would just fight over the cores."""
+_WORKER_ENHANCE: Callable | None = None  # a scoring worker's enhancer (evaluate's enhance_in_workers)
+
+
+def _init_worker(enhance_fn: Callable | None = None) -> None:
+    """Worker initializer: one BLAS thread per process (pystoi's matmuls otherwise spin up a thread
+    per core that burns CPU without speeding up these small products, so parallel workers would
+    just fight over the cores), and the enhancer this worker runs, if any."""
     from threadpoolctl import threadpool_limits
 
+    global _WORKER_ENHANCE
     threadpool_limits(1)
+    _WORKER_ENHANCE = enhance_fn
+
+
+def _enhance_and_score(name: str, noisy: np.ndarray, clean: np.ndarray) -> ScoreResult:
+    """What a worker does with ``enhance_in_workers``: enhance one file, then score it."""
+    try:
+        estimate = _WORKER_ENHANCE(noisy)
+    except Exception as e:
+        return ScoreResult(name, None, f"enhancement failed: {type(e).__name__}: {e}")
+    return safe_score(name, clean, estimate)
 
 
 
@@ -142,12 +157,16 @@ def _mean(values):
     return float(np.mean(values)) if values else None
 
 
-def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 2, progress: bool = False) -> dict:
+def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 2, progress: bool = False,
+             enhance_in_workers: bool = False) -> dict:
     """Enhances every file of ``dataset`` (items ``(noisy, clean)``, names in ``dataset.names``) with
     ``enhance_fn(noisy (samples,)) -> (samples,)`` under ``torch.no_grad()`` and scores it.
 
     Scoring runs in ``workers`` processes (0 or 1: in this process) while the next file is being
-    enhanced. Writes ``out_dir/<label>_per_file.csv`` (name, pesq, stoi, si_sdr, error) and
+    enhanced. ``enhance_in_workers``: those processes enhance too (``enhance_fn`` gets a float32
+    numpy array; under the "spawn" start method it must pickle), for a single-threaded enhancer
+    that would otherwise leave cores idle, such as a peer's C runtime (:class:`peers.PeerEnhancer`);
+    a torch model is better left in this process, whose torch threads already use every core. Writes ``out_dir/<label>_per_file.csv`` (name, pesq, stoi, si_sdr, error) and
     ``out_dir/<label>_summary.json``, atomically, and returns the summary: ``label``, ``n_files``,
     ``n_ok``, ``n_failed``, means ``pesq``/``stoi``/``si_sdr`` over the files that scored (None if
     none did), ``failed`` {name: reason}, ``trimmed`` {name: note}, ``seconds``.
@@ -163,6 +182,7 @@ def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 
     results: list[ScoreResult | None] = [None] * len(names)
     pending = {}
     pool = None
+    torch_threads = torch.get_num_threads()
     if workers > 1:
         import multiprocessing as mp
 
@@ -170,7 +190,12 @@ def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 
         # guard in the caller's script) and no start-up cost. Safe although the parent runs torch
         # thread pools: the workers only run numpy, pesq and pystoi, never torch.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_single_threaded)
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
+                                   initargs=(enhance_fn if enhance_in_workers else None,))
+        if not enhance_in_workers:
+            # the scoring workers keep `workers` cores busy: the model here gets the others (at least
+            # one); more torch threads than free cores spin and slow everyone (a student's file: 1.3x)
+            torch.set_num_threads(max(1, min(torch_threads, available_cores() - workers)))
     try:
         indices = range(len(names))
         if progress:
@@ -182,6 +207,10 @@ def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 
                 noisy, clean = dataset[i]
             except Exception as e:
                 results[i] = ScoreResult(names[i], None, f"loading failed: {type(e).__name__}: {e}")
+                continue
+            if pool is not None and enhance_in_workers:
+                noisy, clean = (np.asarray(v, dtype=np.float32) for v in (noisy, clean))
+                pending[i] = pool.submit(_enhance_and_score, names[i], noisy, clean)
                 continue
             try:
                 with torch.no_grad():
@@ -204,6 +233,7 @@ def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(torch_threads)
 
     ok = [r for r in results if r.metrics is not None]
     summary = {
@@ -247,8 +277,9 @@ def spectral_gating(noisy, sr: int = SAMPLE_RATE) -> np.ndarray:
 
 
 def evaluate_enhancer(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 2,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, enhance_in_workers: bool = False) -> dict:
     """Scores any callable enhancer ``enhance_fn(noisy (samples,)) -> (samples,)`` (a classical method,
     an exported model, ...) on ``dataset`` like a checkpoint: same files, same metrics, same summary
     as :func:`evaluate` (files named after ``label`` with spaces as underscores)."""
-    return evaluate(enhance_fn, dataset, out_dir, label.replace(" ", "_"), workers=workers, progress=progress)
+    return evaluate(enhance_fn, dataset, out_dir, label.replace(" ", "_"), workers=workers, progress=progress,
+                    enhance_in_workers=enhance_in_workers)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from math import gcd
 from pathlib import Path
 
@@ -217,6 +218,26 @@ def available_peers() -> dict[str, str | None]:
         module, package = _PACKAGES[name]
         out[name] = None if importlib.util.find_spec(module) is not None else f"pip install {package}"
     return out
+
+
+class PeerEnhancer:
+    """``enhance(noisy (samples,) at 16 kHz) -> (samples,)`` with peer ``name``, the peer loaded on the
+    first call in each process: a peer's C state must not cross a fork, and this object must pickle
+    (what :func:`pycosdist.denoise.evaluation.evaluate` needs to run it in its workers)."""
+
+    def __init__(self, name: str):
+        if name not in PEERS:
+            raise ValueError(f"name: unknown peer {name!r}; expected one of {list(PEERS)}")
+        self.name = name
+        self._peer, self._pid = None, None
+
+    def __call__(self, wave) -> np.ndarray:
+        if self._pid != os.getpid():
+            self._peer, self._pid = load_peer(self.name), os.getpid()
+        return self._peer.enhance(np.asarray(wave, dtype=np.float32))
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "_peer": None, "_pid": None}
 
 
 def load_peer(name: str) -> Peer:

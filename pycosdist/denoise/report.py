@@ -54,12 +54,15 @@ def write_results(out_dir, rows: list[dict], extra: dict | None = None, columns=
 
 
 # --- evaluation of checkpoints ---------------------------------------------------------------------
-def enhancer_row(label: str, enhance_fn, dataset, out_dir, workers: int = 2, progress: bool = False) -> dict:
+def enhancer_row(label: str, enhance_fn, dataset, out_dir, workers: int = 2, progress: bool = False,
+                 enhance_in_workers: bool = False) -> dict:
     """The table row of a non-learned enhancer ``enhance_fn(noisy (samples,)) -> (samples,)`` scored
-    on ``dataset`` (per-file scores in ``out_dir``); params and MACs are 0 (nothing learned)."""
+    on ``dataset`` (per-file scores in ``out_dir``); params and MACs are 0 (nothing learned).
+    ``enhance_in_workers``: see :func:`pycosdist.denoise.evaluation.evaluate`."""
     from . import evaluation
 
-    s = evaluation.evaluate_enhancer(enhance_fn, dataset, out_dir, label, workers=workers, progress=progress)
+    s = evaluation.evaluate_enhancer(enhance_fn, dataset, out_dir, label, workers=workers, progress=progress,
+                                     enhance_in_workers=enhance_in_workers)
     return {"model": label, "method": "-", "preset": "-", "params": 0, "mmacs_per_s": 0.0,
             **{m: s[m] for m in METRICS}, "n_ok": s["n_ok"], "n_failed": s["n_failed"]}
 
@@ -84,15 +87,15 @@ def baseline_rows(dataset, out_dir, workers: int = 2, progress: bool = False) ->
                       "the spectral-gating baseline row is left out")
     else:
         rows.append(enhancer_row(evaluation.SPECTRAL_GATING, evaluation.spectral_gating, dataset, out_dir,
-                                 workers=workers, progress=progress))
+                                 workers=workers, progress=progress, enhance_in_workers=True))
     missing = peers.available_peers()
     for name, label in PEER_LABELS.items():
         if missing[name]:
             warnings.warn(f"peer {name} is not installed ({missing[name]}, or the [peers] extra): its row is left out")
             continue
-        peer = peers.load_peer(name)
-        row = enhancer_row(label, lambda x: peer.enhance(np.asarray(x, dtype=np.float32)), dataset, out_dir,
-                           workers=workers, progress=progress)
+        # single-threaded C runtimes: each scoring worker runs its own copy on its share of the files
+        row = enhancer_row(label, peers.PeerEnhancer(name), dataset, out_dir, workers=workers, progress=progress,
+                           enhance_in_workers=True)
         rows.append({**row, "method": "peer", "params": None, "mmacs_per_s": None})
     return rows
 

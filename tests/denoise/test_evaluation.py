@@ -128,7 +128,15 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_evaluate_reports_failures_and_parallel_equals_serial(speech, tmp_path):
+def _enhance_numpy(noisy):
+    """:func:`_enhance` on the float32 numpy array that a scoring worker passes."""
+    assert isinstance(noisy, np.ndarray) and noisy.dtype == np.float32, type(noisy)
+    return _enhance(torch.from_numpy(noisy)).numpy()
+
+
+def _tagged_dataset(speech):
+    """Seven files f0..f6 whose first sample tells :func:`_enhance` how to fail; f5 has a silent
+    reference and f6 cannot be loaded."""
     items, names = [], []
     for k, tag in enumerate((0, 1, 2, 3, 4, 0, 0)):
         noisy, clean = speech[k % len(speech)]
@@ -137,8 +145,12 @@ def test_evaluate_reports_failures_and_parallel_equals_serial(speech, tmp_path):
         items.append((noisy, clean))
         names.append(f"f{k}")
     items[5] = (items[5][0], torch.zeros_like(items[5][1]))  # silent reference
-    ds = _ListDataset(items, names, broken={"f6"})
+    return _ListDataset(items, names, broken={"f6"})
 
+
+def test_evaluate_reports_failures_and_parallel_equals_serial(speech, tmp_path):
+    ds = _tagged_dataset(speech)
+    names = ds.names
     serial = evaluate(_enhance, ds, tmp_path / "s", "student", workers=0)
     parallel = evaluate(_enhance, ds, tmp_path / "p", "student", workers=2)
     assert serial["n_files"] == 7 and serial["n_ok"] == 2 and serial["n_failed"] == 5
@@ -163,6 +175,21 @@ def test_evaluate_reports_failures_and_parallel_equals_serial(speech, tmp_path):
     on_disk = json.loads((tmp_path / "s" / "student_summary.json").read_text())
     assert on_disk == serial
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["student_per_file.csv", "student_summary.json"]
+
+
+def test_enhance_in_workers_equals_in_process(speech, tmp_path):
+    """The workers enhance (numpy in, numpy out) with the same per-file results and failures as this
+    process does, and this process's torch thread count is left as it was."""
+    ds = _tagged_dataset(speech)
+    here = evaluate(_enhance, ds, tmp_path / "here", "student", workers=0)
+    threads = torch.get_num_threads()
+    there = evaluate(_enhance_numpy, ds, tmp_path / "there", "student", workers=2, enhance_in_workers=True)
+    assert torch.get_num_threads() == threads
+    assert "enhancement failed: RuntimeError: model exploded" in there["failed"]["f1"]
+    for key in ("n_ok", "n_failed", "failed", "trimmed"):
+        assert there[key] == here[key]
+    assert (_read_csv(tmp_path / "there" / "student_per_file.csv")
+            == _read_csv(tmp_path / "here" / "student_per_file.csv"))
 
 
 def test_evaluate_noisy_and_all_failed(speech, tmp_path):

@@ -76,3 +76,19 @@ def test_bad_frame_and_bad_wave(name):
         peer.enhance(np.zeros((2, 100), np.float32))
     with pytest.raises(ValueError, match="sample_rate"):
         peer.enhance(np.zeros(100, np.float32), sample_rate=0)
+
+
+@pytest.mark.parametrize("name", STREAMING + ["spectral_gating"])
+def test_peer_enhancer_pickles_without_its_state(name, speech_16k):
+    """What evaluate(enhance_in_workers=True) ships to its workers: a callable that pickles after use
+    (its C state left behind) and gives the peer's own output, in this process and after the trip."""
+    import pickle
+
+    enhancer = peers.PeerEnhancer(name)
+    y = enhancer(speech_16k)
+    np.testing.assert_array_equal(y, peers.load_peer(name).enhance(speech_16k, 16000))
+    copy = pickle.loads(pickle.dumps(enhancer))
+    assert copy._peer is None
+    np.testing.assert_array_equal(copy(speech_16k), y)
+    with pytest.raises(ValueError, match="name: unknown peer 'nope'"):
+        peers.PeerEnhancer("nope")
