@@ -265,12 +265,15 @@ def run_demo(out="report", progress: bool = True, workers: int = 2, log=print, s
     checkpoints = {"teacher": teacher_ckpt}
     seed_list = list(range(seeds))
     jobs = {}  # label -> (config, run folder); seed-major: a stopped demo leaves every method with as many seeds
+    # Within a seed the KD students go first: they take longer (teacher latents, KD loss), and the
+    # last job trains alone while the other core idles, so the shortest one should be last.
+    kd_first = sorted(DEMO_METHODS, key=lambda m: m == "none")
     for seed in seed_list:
-        for method in DEMO_METHODS:
+        for method in kd_first:
             cfg = config_mod.merge(demo_student_config(method, seed, teacher_ckpt), student_overrides or {})
-            label, run_dir = _student_label(method, seed), work / "runs" / f"student_{method}_seed{seed}"
-            jobs[label] = (cfg, run_dir)
-            checkpoints[label] = run_dir / "best.pt"
+            jobs[_student_label(method, seed)] = (cfg, work / "runs" / f"student_{method}_seed{seed}")
+    checkpoints.update({label: jobs[label][1] / "best.pt"
+                        for label in (_student_label(m, s) for s in seed_list for m in DEMO_METHODS)})
     student_workers = training.concurrent_runs() if student_workers is None else student_workers
     if student_workers <= 1:
         for label, (cfg, run_dir) in jobs.items():
