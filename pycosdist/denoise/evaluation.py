@@ -163,10 +163,12 @@ def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 
     ``enhance_fn(noisy (samples,)) -> (samples,)`` under ``torch.no_grad()`` and scores it.
 
     Scoring runs in ``workers`` processes (0 or 1: in this process) while the next file is being
-    enhanced. ``enhance_in_workers``: those processes enhance too (``enhance_fn`` gets a float32
-    numpy array; under the "spawn" start method it must pickle), for a single-threaded enhancer
-    that would otherwise leave cores idle, such as a peer's C runtime (:class:`peers.PeerEnhancer`);
-    a torch model is better left in this process, whose torch threads already use every core. Writes ``out_dir/<label>_per_file.csv`` (name, pesq, stoi, si_sdr, error) and
+    enhanced; the enhancement here then gets the cores the workers leave as torch threads.
+    ``enhance_in_workers``: those processes enhance too (``enhance_fn`` gets a float32 numpy
+    array; under the "spawn" start method it must pickle), for a single-threaded enhancer that
+    would otherwise leave cores idle, such as a peer's C runtime (:class:`peers.PeerEnhancer`). It
+    must not run torch: the workers are forked from a process whose torch thread pools are not
+    fork-safe. Writes ``out_dir/<label>_per_file.csv`` (name, pesq, stoi, si_sdr, error) and
     ``out_dir/<label>_summary.json``, atomically, and returns the summary: ``label``, ``n_files``,
     ``n_ok``, ``n_failed``, means ``pesq``/``stoi``/``si_sdr`` over the files that scored (None if
     none did), ``failed`` {name: reason}, ``trimmed`` {name: note}, ``seconds``.
@@ -188,7 +190,7 @@ def evaluate(enhance_fn: Callable, dataset, out_dir, label: str, workers: int = 
 
         # fork where there is one: no re-import of __main__ (spawn needs an `if __name__ == "__main__"`
         # guard in the caller's script) and no start-up cost. Safe although the parent runs torch
-        # thread pools: the workers only run numpy, pesq and pystoi, never torch.
+        # thread pools: the workers only run numpy, pesq, pystoi and (enhance_in_workers) C code, never torch.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
                                    initargs=(enhance_fn if enhance_in_workers else None,))
