@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a student with a KD method and a frozen teacher")
     _add_train_args(p)
     p.add_argument("--method", choices=METHODS, required=True)
-    p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (e.g. RUN/best.pt)")
+    p.add_argument("--teacher", type=_checkpoint, required=True,
+                   help="teacher checkpoint (e.g. RUN/best.pt; pretrained:teacher for the shipped one)")
     p.add_argument("--student", help="student model preset (default: the config's, else student_quarter)")
 
     p = sub.add_parser("evaluate", help="PESQ/STOI/SI-SDR of checkpoints (and the noisy input) on a test set")
-    p.add_argument("--checkpoint", type=Path, nargs="+", required=True)
+    p.add_argument("--checkpoint", type=_checkpoint, nargs="+", required=True,
+                   help="training checkpoints (RUN/best.pt) or shipped models (pretrained:teacher, pretrained:student)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split", choices=("test", "valid"), default="test")
@@ -89,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("enhance", help="denoise audio files (any rate / channels; written as 16 kHz mono)")
     p.add_argument("inputs", type=Path, nargs="+", help="audio files or folders (searched recursively)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="a training checkpoint (.pt) or an exported model (.ts, .onnx; see `pycosdist export`); "
-                        "default: the pretrained student shipped with pycosdist (pycosdist.denoise.pretrained)")
+    p.add_argument("--checkpoint", type=_checkpoint, default=None,
+                   help="a training checkpoint (.pt), an exported model (.ts, .onnx; see `pycosdist export`) or a "
+                        "shipped model (pretrained:teacher, pretrained:student); default: the shipped student")
     p.add_argument("--device", default="cpu",
                    help="where a .pt model runs: cpu (the default), auto (CUDA if available), cuda, cuda:N; "
                         "exported models run on the CPU")
@@ -102,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint, or an exported stream.onnx / stream.ts; runs on the CPU")
 
     p = sub.add_parser("export", help="export a trained model's mask net (TorchScript, ONNX) for small devices")
-    p.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (e.g. RUN/best.pt)")
+    p.add_argument("--checkpoint", type=_checkpoint, required=True,
+                   help="training checkpoint (e.g. RUN/best.pt; pretrained:NAME for a shipped model)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (model.ts, model.onnx, model.json)")
     p.add_argument("--format", nargs="+", default=["torchscript", "onnx"], choices=["torchscript", "onnx"])
     p.add_argument("--stream", action="store_true", help="export ONE HOP with explicit state (causal models only): "
@@ -139,6 +142,16 @@ def _shard(text: str) -> tuple[int, int]:
         return parse_shard(text)
     except ValueError as e:  # argparse prints it as a usage error (exit code 2)
         raise argparse.ArgumentTypeError(str(e).removeprefix("--shard: ")) from None
+
+
+def _checkpoint(text: str) -> Path:
+    """A checkpoint argument: a path, or ``pretrained:NAME`` for a model shipped with pycosdist."""
+    from . import pretrained
+
+    try:
+        return pretrained.resolve(text)
+    except (ValueError, FileNotFoundError) as e:  # argparse prints it as a usage error (exit code 2)
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_merge_parser() -> argparse.ArgumentParser:
@@ -206,13 +219,6 @@ def cmd_evaluate(args) -> int:
     from .training import load_model, resolve_device, set_threads
 
     set_threads(0)
-    if args.checkpoint is None:
-        from . import pretrained
-
-        shipped = pretrained.available()
-        if not shipped:
-            raise FileNotFoundError("--checkpoint: this installation ships no pretrained model; pass a checkpoint")
-        args.checkpoint = pretrained.path("student" if "student" in shipped else shipped[0])
     device = resolve_device(args.device, arg="--device")
     labels = {}
     for path in args.checkpoint:

@@ -34,6 +34,17 @@ def path(name: str) -> Path:
     return file
 
 
+PREFIX = "pretrained:"
+
+
+def resolve(spec) -> Path:
+    """The checkpoint file ``spec`` names: ``"pretrained:NAME"`` is shipped model NAME (:func:`path`),
+    anything else a path. The one spelling that ``model.init`` and every ``--checkpoint`` /
+    ``--teacher`` of the command line accept."""
+    spec = str(spec)
+    return path(spec.removeprefix(PREFIX)) if spec.startswith(PREFIX) else Path(spec)
+
+
 def available() -> list[str]:
     """The shipped models present in this installation."""
     return [name for name, file in MODELS.items() if (WEIGHTS_DIR / file).is_file()]

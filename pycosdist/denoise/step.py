@@ -51,14 +51,10 @@ def initial_weights(cfg: dict) -> dict | None:
     init = cfg["model"]["init"]
     if not init:
         return None
-    if init.startswith("pretrained:"):
-        from . import pretrained
+    from . import pretrained
 
-        try:
-            init = pretrained.path(init.removeprefix("pretrained:"))
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"model.init: {e}") from None
     try:
+        init = pretrained.resolve(init)
         model, _ = load_model(init)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"model.init: {e}") from None

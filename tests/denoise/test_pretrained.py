@@ -1,6 +1,8 @@
 """The shipped pretrained models: they load like any checkpoint, `enhance` uses the student by default,
 the demo distills from the shipped teacher, and slim checkpoints keep the model and drop the rest."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -56,6 +58,30 @@ def test_enhance_uses_the_shipped_student_by_default(weights, tmp_path):
     np.testing.assert_array_equal(a, b)
     noisy = sf.read(tmp_path / "noisy.wav")[0]
     assert not np.allclose(a, noisy)  # the model did something
+
+
+def test_pretrained_name_works_wherever_a_checkpoint_is_asked_for(weights, tmp_path, capsys):
+    sf.write(tmp_path / "noisy.wav", 0.1 * np.random.default_rng(0).standard_normal(8000), 16000)
+    for name in ("teacher", "student"):
+        assert main(["enhance", str(tmp_path / "noisy.wav"), "-o", str(tmp_path / f"by_name_{name}"),
+                     "--checkpoint", f"pretrained:{name}"]) == 0
+        assert main(["enhance", str(tmp_path / "noisy.wav"), "-o", str(tmp_path / f"by_path_{name}"),
+                     "--checkpoint", str(pretrained.path(name))]) == 0
+        a, b = (sf.read(tmp_path / f"{d}_{name}" / "noisy.wav")[0] for d in ("by_name", "by_path"))
+        np.testing.assert_array_equal(a, b)
+    teacher, student = (sf.read(tmp_path / f"by_name_{n}" / "noisy.wav")[0] for n in ("teacher", "student"))
+    assert not np.allclose(teacher, student)  # each name picks its own model
+    assert pretrained.resolve("runs/x/best.pt") == Path("runs/x/best.pt")
+    capsys.readouterr()
+    for argv in (["enhance", str(tmp_path / "noisy.wav"), "-o", str(tmp_path / "bad"), "--checkpoint", "pretrained:teachr"],
+                 ["distill", "--method", "cosine_lib", "--teacher", "pretrained:teachr", "--data", str(tmp_path),
+                  "--out", str(tmp_path / "run")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "teachr" in err and ("--checkpoint" in err or "--teacher" in err) and "'student', 'teacher'" in err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "run").exists()
 
 
 def test_enhance_without_a_shipped_model_says_what_to_pass(tmp_path, monkeypatch, capsys):
