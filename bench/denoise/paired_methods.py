@@ -6,22 +6,15 @@ baseline", here similarity-preserving KD).
 
 EVAL_ROOT: bench/results/realnoise_kd/eval (one folder per split and noise family); BASELINE and
 TREATMENT: method names as in the files (``student_<method>_seed<k>_per_file.csv``), e.g.
-similarity_preserving cosine_lib. Each seed's mean over the files is paired with the same seed of the
-other method; the table gives the mean difference (treatment minus baseline) and its 95% Student-t
-CI over seeds.
+similarity_preserving cosine_lib. Per seed, the mean over files of (treatment - baseline) on the same files
+(:func:`pycosdist.denoise.demo.seed_paired_gains`, as the study's gains over no KD); the table gives
+its mean over seeds and 95% Student-t CI over seeds.
 """
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from pycosdist.denoise import stats
-from pycosdist.denoise.report import markdown_table, per_file_scores
-
-
-def seed_means(folder: Path, method: str, metric: str, seeds: int) -> dict[int, float]:
-    return {s: float(np.mean(list(per_file_scores(folder, f"student_{method}_seed{s}", metric).values())))
-            for s in range(seeds)}
+from pycosdist.denoise.demo import seed_paired_gains
+from pycosdist.denoise.report import markdown_table
 
 
 def main():
@@ -36,12 +29,12 @@ def main():
     for folder in sorted(p for p in args.eval_root.iterdir() if p.is_dir()):
         row = {"split_family": folder.name}
         for metric in ("pesq", "stoi"):
-            s = stats.paired_summary(seed_means(folder, args.baseline, metric, args.seeds),
-                                     seed_means(folder, args.treatment, metric, args.seeds))
-            row[metric] = f"{s.mean:+.3f} [{s.ci_low:+.3f}, {s.ci_high:+.3f}]"
+            (g,) = seed_paired_gains(folder, [args.baseline, args.treatment], range(args.seeds),
+                                     baseline=args.baseline, metric=metric)
+            row[metric] = f"{g['gain']:+.3f} [{g['seeds_ci_low']:+.3f}, {g['seeds_ci_high']:+.3f}]"
         rows.append(row)
     md = (f"# {args.treatment} minus {args.baseline}, paired by seed ({args.seeds} seeds)\n\n"
-          "Mean over seeds of the difference of per-seed mean scores, [95% CI over seeds].\n\n"
+          "Per seed, the mean over files of the per-file difference; its mean over seeds [95% CI over seeds].\n\n"
           + markdown_table(rows, ["split_family", "pesq", "stoi"]))
     args.out.write_text(md)
     print(md)

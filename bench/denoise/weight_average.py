@@ -10,9 +10,7 @@ are taken from the first checkpoint. OUT is written atomically; it loads whereve
 import sys
 from pathlib import Path
 
-import torch
-
-from pycosdist.denoise.checkpoint import save_checkpoint
+from pycosdist.denoise.checkpoint import load_checkpoint, save_checkpoint
 
 
 def average(states: list[dict]) -> dict:
@@ -29,7 +27,10 @@ def main():
     if len(sys.argv) < 4:
         sys.exit(__doc__)
     out, paths = Path(sys.argv[1]), sys.argv[2:]
-    ckpts = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    try:
+        ckpts = [load_checkpoint(p) for p in paths]
+    except (FileNotFoundError, ValueError) as e:  # a missing or foreign file, named
+        sys.exit(f"weight_average: {e}")
     if any(c["model_config"] != ckpts[0]["model_config"] for c in ckpts):
         sys.exit("the checkpoints are of different architectures (model_config differs)")
     soup = {"format": ckpts[0]["format"], "version": ckpts[0]["version"], "config": ckpts[0]["config"],
